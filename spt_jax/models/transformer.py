@@ -1,0 +1,289 @@
+"""The decoder-only LM every family shares, as Flax NNX modules.
+
+The model takes *input embeddings* rather than token ids, with explicit positions and a validity mask,
+so a soft prompt joins in embedding space and left or right padding never shifts a position. Layers
+are stacked along a leading axis and run with `jax.lax.scan`, so a 30-layer model compiles one layer.
+
+Shapes: B batch, T new tokens, S cache slots, D d_model, H query heads, K kv heads, G = H // K,
+d head_dim, F d_ff, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spt_jax.models.config import ModelConfig, RopeConfig
+
+_NO_WINDOW = 2**30  # a window wider than any context: global attention
+_MASKED = -1e30  # finite, so a fully masked (padding) query row softmaxes to uniform, not NaN
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for S slots; ``pos`` is -1 where a slot holds nothing."""
+
+    k: jax.Array  # [L, B, S, K, d]
+    v: jax.Array  # [L, B, S, K, d]
+    pos: jax.Array  # [B, S] int32 position of the token in each slot, -1 when empty or padding
+    index: jax.Array  # [] int32, the next slot to write
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+        shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            pos=jnp.full((batch, length), -1, jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def length(self) -> int:
+        return self.pos.shape[1]
+
+
+def _param(rngs: nnx.Rngs, shape, param_dtype, std: float = 0.02) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, param_dtype))
+
+
+class Norm(nnx.Module):
+    """RMSNorm (with Gemma's optional 1 + w) or LayerNorm, always computed in float32."""
+
+    def __init__(self, dim: int, config: ModelConfig, param_dtype):
+        self.kind, self.eps, self.offset = config.norm, config.norm_eps, config.norm_offset
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - self.offset, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if self.kind == "layer" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layer":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        y = y * (self.offset + self.scale[...].astype(jnp.float32))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array):
+    """cos and sin ``[B, T, d // 2]`` for rotate-half rotary embeddings at the given positions."""
+    inv_freq = jnp.asarray(rope.inv_freq(head_dim), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, N, d]`` (Hugging Face's rotate-half layout)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, window: jax.Array) -> jax.Array:
+    """``[B, T, S]``: causal by *position* (so padding anywhere is harmless) within a window."""
+    q, kv = q_pos[:, :, None], kv_pos[:, None, :]
+    return (kv >= 0) & (kv <= q) & (q - kv < window)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c, self.config, self.dtype = config, config, dtype
+        D, H, K, d = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = _param(rngs, (D, H, d), param_dtype)
+        self.k_proj = _param(rngs, (D, K, d), param_dtype)
+        self.v_proj = _param(rngs, (D, K, d), param_dtype)
+        self.o_proj = _param(rngs, (H, d, D), param_dtype)
+        zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))  # noqa: E731
+        self.q_bias = zeros(H, d) if c.attn_bias else None
+        self.k_bias = zeros(K, d) if c.attn_bias else None
+        self.v_bias = zeros(K, d) if c.attn_bias else None
+        self.o_bias = zeros(D) if c.attn_out_bias else None
+        self.q_norm = Norm(d, c, param_dtype) if c.qk_norm else None
+        self.k_norm = Norm(d, c, param_dtype) if c.qk_norm else None
+
+    def _project(self, x, kernel, bias, spec):
+        y = jnp.einsum(spec, x, kernel[...].astype(self.dtype))
+        return y + bias[...].astype(self.dtype) if bias is not None else y
+
+    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index):
+        """x [B, T, D] -> ([B, T, D], (k, v) of this layer's cache or None)."""
+        c = self.config
+        q = self._project(x, self.q_proj, self.q_bias, "BTD,DHd->BTHd")
+        k = self._project(x, self.k_proj, self.k_bias, "BTD,DKd->BTKd")
+        v = self._project(x, self.v_proj, self.v_bias, "BTD,DKd->BTKd")
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if layer_cache is not None:  # write the new keys/values, then attend over every slot
+            k_all, v_all = (
+                jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, cache_index, 0, 0))
+                for buf, new in zip(layer_cache, (k, v))
+            )
+            layer_cache = (k_all, v_all)
+            k_all, v_all = k_all.astype(self.dtype), v_all.astype(self.dtype)
+        else:
+            k_all, v_all = k, v
+        B, T = x.shape[:2]
+        q = q.reshape(B, T, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
+        scores = jnp.einsum("BTKGd,BSKd->BKGTS", q, k_all, preferred_element_type=jnp.float32)
+        scores = scores * c.scale
+        if c.attn_softcap:
+            scores = jnp.tanh(scores / c.attn_softcap) * c.attn_softcap
+        mask = attention_mask(positions, kv_pos, window)[:, None, None]  # [B, 1, 1, T, S]
+        probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(self.dtype)
+        out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v_all).reshape(B, T, c.n_heads, c.head_dim)
+        return self._project(out, self.o_proj, self.o_bias, "BTHd,HdD->BTD"), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c, self.dtype = config, dtype
+        self.gate_proj = _param(rngs, (c.d_model, c.d_ff), param_dtype) if c.gated_mlp else None
+        self.up_proj = _param(rngs, (c.d_model, c.d_ff), param_dtype)
+        self.down_proj = _param(rngs, (c.d_ff, c.d_model), param_dtype)
+        bias = lambda n: nnx.Param(jnp.zeros((n,), param_dtype)) if c.mlp_bias else None  # noqa: E731
+        self.gate_bias = bias(c.d_ff) if c.gated_mlp else None
+        self.up_bias, self.down_bias = bias(c.d_ff), bias(c.d_model)
+        self.activation = c.activation
+
+    def __call__(self, x):  # [B, T, D]
+        act = _ACTIVATIONS[self.activation]
+        up = self._linear(x, self.up_proj, self.up_bias)
+        h = act(self._linear(x, self.gate_proj, self.gate_bias)) * up if self.gate_proj is not None else act(up)
+        return self._linear(h, self.down_proj, self.down_bias)
+
+    def _linear(self, x, kernel, bias):
+        y = x @ kernel[...].astype(self.dtype)
+        return y + bias[...].astype(self.dtype) if bias is not None else y
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer (with Gemma 2/3's extra post-norms when configured)."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c, D = config, config.d_model
+        self.attn_norm = Norm(D, c, param_dtype)
+        self.attn = Attention(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn_post_norm = Norm(D, c, param_dtype) if c.sandwich_norm else None
+        self.mlp_norm = Norm(D, c, param_dtype)
+        self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_post_norm = Norm(D, c, param_dtype) if c.sandwich_norm else None
+
+    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index):
+        h, layer_cache = self.attn(
+            self.attn_norm(x), rope, positions, window, kv_pos, layer_cache, cache_index
+        )
+        x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(h) if self.mlp_post_norm is not None else h), layer_cache
+
+
+class DecoderLM(nnx.Module):
+    """A frozen decoder-only LM: `embed` tokens, run `__call__` on embeddings, then `logits`."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        c = self.config = config
+        self.dtype = dtype
+        param_dtype = param_dtype or dtype
+        self.embed_tokens = _param(rngs, (c.vocab_size, c.d_model), param_dtype)
+        self.pos_embed = (
+            _param(rngs, (c.max_position_embeddings, c.d_model), param_dtype)
+            if c.position == "learned"
+            else None
+        )
+
+        @nnx.split_rngs(splits=c.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(rngs):
+            return Block(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = stacked_blocks(rngs)
+        self.final_norm = Norm(c.d_model, c, param_dtype)
+        self.lm_head = None if c.tie_embeddings else _param(rngs, (c.d_model, c.vocab_size), param_dtype)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token ids ``[...]`` -> input embeddings ``[..., D]`` (Gemma's sqrt(D) scale included)."""
+        table = self.embed_tokens[...]
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        if self.config.embed_scale != 1.0:
+            x = x * jnp.asarray(self.config.embed_scale, table.dtype).astype(self.dtype)
+        return x
+
+    def __call__(
+        self,
+        embeds: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T] int
+        valid: jax.Array,  # [B, T] bool, False on padding
+        cache: KVCache | None = None,
+        *,
+        remat: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-normed hidden states ``[B, T, D]`` and the cache with these T tokens appended."""
+        c = self.config
+        positions = positions.astype(jnp.int32)
+        x = embeds.astype(self.dtype)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        new_pos = jnp.where(valid, positions, -1)
+        if cache is not None:
+            kv_pos = jax.lax.dynamic_update_slice(cache.pos, new_pos, (0, cache.index))
+            layer_caches, cache_index = (cache.k, cache.v), cache.index
+        else:
+            kv_pos, layer_caches, cache_index = new_pos, None, None
+
+        ropes = None
+        if c.position == "rope":
+            global_rope = rope_tables(c.rope, c.head_dim, positions)
+            local_rope = rope_tables(c.rope_local, c.head_dim, positions) if c.rope_local else global_rope
+            ropes = (global_rope, local_rope)
+        is_local = np.array([k == "sliding" for k in c.kinds])
+        windows = jnp.asarray(np.where(is_local, c.sliding_window or _NO_WINDOW, _NO_WINDOW), jnp.int32)
+
+        graphdef, layer_states = nnx.split(self.layers)
+
+        def layer(x, xs):
+            state, window, local, layer_cache = xs
+            rope = None
+            if ropes is not None:
+                rope = jax.tree.map(lambda g, l: jnp.where(local, l, g), *ropes)
+            block = nnx.merge(graphdef, state)
+            return block(x, rope, positions, window, kv_pos, layer_cache, cache_index)
+
+        if remat:
+            layer = jax.checkpoint(layer, prevent_cse=False)
+        xs = (layer_states, windows, jnp.asarray(is_local), layer_caches)
+        x, new_caches = jax.lax.scan(layer, x, xs)
+        x = self.final_norm(x)
+        if cache is not None:
+            cache = KVCache(
+                k=new_caches[0], v=new_caches[1], pos=kv_pos, index=cache.index + embeds.shape[1]
+            )
+        return x, cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Hidden states ``[..., D]`` -> float32 logits ``[..., V]`` (final soft-cap included)."""
+        if self.lm_head is not None:
+            out = jnp.einsum("...D,DV->...V", hidden, self.lm_head[...].astype(self.dtype),
+                             preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("...D,VD->...V", hidden, self.embed_tokens[...].astype(self.dtype),
+                             preferred_element_type=jnp.float32)
+        if self.config.final_softcap:
+            out = jnp.tanh(out / self.config.final_softcap) * self.config.final_softcap
+        return out
+
+
+def positions_from_mask(valid: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """Positions ``[B, T]`` that count only valid tokens, so left padding starts text at ``offset``."""
+    valid = valid.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0) + offset

@@ -1,0 +1,141 @@
+"""Fill a model's parameters from a stream of Hugging Face-named tensors.
+
+One code path for safetensors and GGUF: tensors arrive one at a time (already in Hugging Face
+names and layouts), are matched against the family's `WeightRule` table, reshaped, cast straight to
+the target dtype and written into that parameter's host buffer. Every problem (unknown, missing or
+mis-shaped tensors) is collected and raised once, so a user fixes a checkpoint in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from spt_jax.errors import WeightsError
+from spt_jax.models.families import Family, WeightRule
+
+
+def _source_shape(rule: WeightRule, target: tuple[int, ...]) -> tuple[int, ...]:
+    """The tensor shape a rule expects in the checkpoint, given our parameter's (per-layer) shape."""
+    prod = math.prod
+    return {
+        "copy": target,
+        "flat": (prod(target),),
+        "in_out": (prod(target[1:]), target[0]),
+        "out_in": (target[-1], prod(target[:-1])),
+        "conv_out": (prod(target[:-1]), target[-1]),
+        "conv_qkv": (target[0], 3 * prod(target[1:])),
+        "qkv_bias": (3 * prod(target),),
+    }[rule.layout]
+
+
+def _to_targets(rule: WeightRule, array: np.ndarray, target: tuple[int, ...]) -> list[np.ndarray]:
+    if rule.layout in ("in_out", "out_in"):
+        return [array.T.reshape(target)]
+    if rule.layout in ("conv_qkv", "qkv_bias"):
+        return [part.reshape(target) for part in np.split(array, 3, axis=-1)]
+    return [array.reshape(target)]
+
+
+def _path_name(path) -> str:
+    return ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def load_params(
+    abstract_state: nnx.State,
+    family: Family,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    source: str,
+    n_layers: int,
+    shardings=None,
+) -> nnx.State:
+    """Stream ``tensors`` into a state shaped like ``abstract_state`` (from `nnx.eval_shape`).
+
+    Stacked layer parameters carry a leading ``[L]`` axis; a rule's ``layer`` group picks the slot.
+    ``shardings``, a matching pytree of `jax.sharding.Sharding`, places each parameter as it is
+    finished; host buffers are released one parameter at a time so peak memory stays near one copy.
+    """
+    leaves = {
+        _path_name(path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+    }
+    compiled = [(re.compile(rule.pattern), rule) for rule in family.rules]
+    ignored = [re.compile(p) for p in family.ignore]
+    buffers: dict[str, np.ndarray] = {}
+    filled: dict[str, set[int]] = {}
+    unexpected, shape_errors = [], []
+
+    for name, array in tensors:
+        match = next(((m, r) for pat, r in compiled if (m := pat.fullmatch(name))), None)
+        if match is None or any(t not in leaves for t in match[1].targets):
+            if not any(p.fullmatch(name) for p in ignored):
+                unexpected.append(name)
+            continue
+        m, rule = match
+        layer = int(m.group("layer")) if "layer" in m.groupdict() else None
+        stacked = rule.targets[0].startswith("layers.")
+        if stacked and layer >= n_layers:
+            unexpected.append(f"{name} (layer {layer} >= n_layers {n_layers})")
+            continue
+        full_shape = tuple(leaves[rule.targets[0]].shape)
+        target_shape = full_shape[1:] if stacked else full_shape
+        expected = _source_shape(rule, target_shape)
+        if tuple(array.shape) != expected:
+            shape_errors.append(f"{name}: checkpoint shape {tuple(array.shape)}, expected {expected}")
+            continue
+        for path, part in zip(rule.targets, _to_targets(rule, array, target_shape)):
+            leaf = leaves[path]
+            buf = buffers.get(path)
+            if buf is None:
+                buf = buffers[path] = np.empty(leaf.shape, leaf.dtype)
+            if stacked:
+                buf[layer] = part
+            else:
+                buf[...] = part
+            filled.setdefault(path, set()).add(layer if stacked else 0)
+        del array
+
+    missing = []
+    for path, leaf in leaves.items():
+        want = set(range(n_layers)) if path.startswith("layers.") else {0}
+        gaps = sorted(want - filled.get(path, set()))
+        if gaps:
+            missing.append(path + (f" (layers {_ranges(gaps)})" if path.startswith("layers.") else ""))
+    problems = (
+        [f"missing: {m}" for m in missing]
+        + [f"unexpected: {u}" for u in unexpected]
+        + [f"wrong shape: {s}" for s in shape_errors]
+    )
+    if problems:
+        raise WeightsError(
+            f"{source}: {len(problems)} problem(s) loading weights:\n  " + "\n  ".join(problems)
+        )
+
+    flat_shardings = (
+        {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+        if shardings is not None
+        else {}
+    )
+
+    def place(path, leaf):
+        name = _path_name(path)
+        array = jax.device_put(buffers.pop(name), flat_shardings.get(name))
+        return array
+
+    return jax.tree_util.tree_map_with_path(place, abstract_state)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != (prev + 1 if cur is not None else None):
+            out.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = cur
+    return ", ".join(out)

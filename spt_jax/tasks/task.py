@@ -1,0 +1,517 @@
+"""The Task contract: records in, prompts and required-format targets out, a pure parser back.
+
+A task keeps three things apart that evaluation must not mix up: how a question is shown
+(``input_template``), the exact output format the model must produce (``target_template`` and
+``FormatSpec``, which must agree), and how a parsed answer is judged (``AnswerSpec``). Format validity
+(did the output parse?) and correctness (was the parsed answer right?) are therefore separate facts.
+
+Template fields are the record's fields plus two derived ones:
+``{answer}`` (target template only) is the canonical gold answer -- the letter for multiple choice --
+and ``{choices_text}`` is the lettered choice list ("A. ...\\nB. ...") when ``choices_field`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import string
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from spt_jax.errors import ConfigError, DataError
+
+LETTERS = string.ascii_uppercase
+SPLITS = ("train", "validation", "test")
+
+# --------------------------------------------------------------------------------------------------
+# Data sources
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Anything that yields flat-dict records per split (files, TFDS, generated data)."""
+
+    splits: tuple[str, ...]
+
+    def load(self, split: str) -> list[dict]: ...
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class InMemorySource:
+    """Records already in memory, one list per split (tests, generated tasks, adapters)."""
+
+    data: Mapping[str, Sequence[dict]]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.data)
+
+    def load(self, split: str) -> list[dict]:
+        if split not in self.data:
+            raise DataError(f"no split {split!r} in memory; available: {', '.join(self.data) or 'none'}")
+        return [dict(r) for r in self.data[split]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Output format
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedAnswer:
+    valid: bool  # did the output follow the required format?
+    answer: str | None  # the extracted answer text (None when invalid)
+
+
+INVALID = ParsedAnswer(valid=False, answer=None)
+
+
+def cut_at_stop(text: str, stop_sequences: Sequence[str]) -> str:
+    """The text before the earliest occurrence of any stop sequence (all of it when none occurs)."""
+    end = len(text)
+    for stop in stop_sequences:
+        i = text.find(stop)
+        if 0 <= i < end:
+            end = i
+    return text[:end]
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatSpec:
+    """The required output format as a pure parser: a regex with a named group ``answer``.
+
+    ``strict`` demands the whole stop-cut, stripped output match, so chatter around the answer counts
+    as a format failure; ``first`` takes the first match anywhere in the stop-cut output.
+    """
+
+    pattern: str
+    mode: Literal["strict", "first"] = "strict"
+    stop_sequences: tuple[str, ...] = ("\n",)
+    ignore_case: bool = False
+    _regex: re.Pattern = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ConfigError(f"format pattern must be a non-empty regex string, got {self.pattern!r}")
+        if self.mode not in ("strict", "first"):
+            raise ConfigError(f"format mode must be 'strict' or 'first', got {self.mode!r}")
+        stops = (self.stop_sequences,) if isinstance(self.stop_sequences, str) else self.stop_sequences
+        try:
+            stops = tuple(stops)
+        except TypeError:
+            raise ConfigError(f"stop_sequences must be a list of strings, got {self.stop_sequences!r}") from None
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ConfigError(f"stop_sequences must be non-empty strings, got {stops!r}")
+        object.__setattr__(self, "stop_sequences", stops)
+        try:
+            regex = re.compile(self.pattern, re.IGNORECASE if self.ignore_case else 0)
+        except re.error as e:
+            raise ConfigError(f"format pattern {self.pattern!r} does not compile: {e}") from None
+        if "answer" not in regex.groupindex:
+            raise ConfigError(
+                f"format pattern {self.pattern!r} lacks the named group 'answer', "
+                "e.g. r'Answer: (?P<answer>[A-D])'"
+            )
+        object.__setattr__(self, "_regex", regex)
+
+    def cut(self, text: str) -> str:
+        return cut_at_stop(text, self.stop_sequences)
+
+    def parse(self, text: str) -> ParsedAnswer:
+        cut = self.cut(text)
+        match = self._regex.fullmatch(cut.strip()) if self.mode == "strict" else self._regex.search(cut)
+        if match is None:
+            return INVALID
+        answer = match.group("answer")
+        if answer is None or not answer.strip():
+            return INVALID  # an empty answer is no answer
+        return ParsedAnswer(valid=True, answer=answer.strip())
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer comparison
+# --------------------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD/TriviaQA normalization: lowercase, drop punctuation and articles, squeeze whitespace."""
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def parse_number(text: Any) -> float | None:
+    """A number from text like '$1,234.', '-7' or '3.5'; None when it is not one."""
+    if isinstance(text, bool):
+        return None
+    if isinstance(text, (int, float, np.integer, np.floating)):
+        value = float(text)
+        return value if math.isfinite(value) else None
+    if not isinstance(text, str):
+        return None
+    cleaned = text.strip().replace(",", "").replace("$", "").strip()
+    if cleaned.endswith("."):
+        cleaned = cleaned[:-1]
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def format_number(value: float) -> str:
+    """Integers without a trailing '.0' (gold '42', not '42.0')."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+_YES = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
+
+
+def choice_letter(value: Any, n_choices: int | None) -> str | None:
+    """The gold letter from an index (int) or a letter; None when it is neither or out of range."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        index = int(value)
+    elif isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS:
+        index = LETTERS.index(value.strip().upper())
+    elif isinstance(value, str) and value.strip().isdigit():  # an index read from a CSV cell
+        index = int(value.strip())
+    else:
+        return None
+    limit = n_choices if n_choices is not None else len(LETTERS)
+    return LETTERS[index] if 0 <= index < limit else None
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerSpec:
+    """How a parsed answer is compared with the gold one."""
+
+    kind: Literal["choice", "string", "number", "yesno"]
+    aliases_field: str | None = None  # record field with extra accepted gold strings (string kind)
+    tolerance: float = 1e-6  # number kind: absolute tolerance; commas/`$` stripped
+
+    def __post_init__(self):
+        if self.kind not in ("choice", "string", "number", "yesno"):
+            raise ConfigError(
+                f"answer kind must be one of 'choice', 'string', 'number', 'yesno', got {self.kind!r}"
+            )
+        if self.aliases_field is not None and self.kind != "string":
+            raise ConfigError(f"aliases_field is only used by the 'string' answer kind, not {self.kind!r}")
+        if not isinstance(self.tolerance, (int, float)) or self.tolerance < 0:
+            raise ConfigError(f"answer tolerance must be a number >= 0, got {self.tolerance!r}")
+
+    def canonical_gold(self, value: Any, *, field: str, choices: Sequence[str] | None = None,
+                       where: str = "") -> str:
+        """The gold answer as text (letter / string / number / 'yes'|'no'); DataError if of the wrong type."""
+        at = f" in {where}" if where else ""
+        if self.kind == "choice":
+            letter = choice_letter(value, len(choices) if choices is not None else None)
+            if letter is None and choices is not None and isinstance(value, str) and value in choices:
+                letter = LETTERS[list(choices).index(value)]  # gold given as the choice text
+            if letter is None:
+                span = f"A-{LETTERS[len(choices) - 1]} or 0-{len(choices) - 1}" if choices else "a letter or index"
+                raise DataError(f"gold field {field!r}{at} is {value!r}, expected a choice ({span})")
+            return letter
+        if self.kind == "number":
+            number = parse_number(value)
+            if number is None:
+                raise DataError(f"gold field {field!r}{at} is {value!r}, expected a number")
+            return value.strip() if isinstance(value, str) else format_number(number)
+        if self.kind == "yesno":
+            key = (("true" if value else "false") if isinstance(value, bool)
+                   else value.strip().lower() if isinstance(value, str) else None)
+            if key not in _YES:
+                raise DataError(f"gold field {field!r}{at} is {value!r}, expected yes/no (or true/false)")
+            return _YES[key]
+        # string
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"gold field {field!r}{at} is {value!r}, expected a non-empty string")
+        return value.strip()
+
+    def aliases(self, record: Mapping, where: str = "") -> list[str]:
+        """Extra accepted gold strings from ``aliases_field`` (a string or a list of strings)."""
+        if self.aliases_field is None:
+            return []
+        at = f" in {where}" if where else ""
+        if self.aliases_field not in record:
+            raise DataError(f"aliases field {self.aliases_field!r} is missing{at}")
+        value = record[self.aliases_field]
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise DataError(f"aliases field {self.aliases_field!r}{at} is {value!r}, expected a list of strings")
+
+    def is_correct(self, answer: str, record: Mapping, gold: str) -> bool:
+        if answer is None:
+            return False
+        if self.kind == "choice":
+            return answer.strip().upper() == gold.strip().upper()
+        if self.kind == "yesno":
+            return answer.strip().lower() == gold.strip().lower()
+        if self.kind == "number":
+            got, want = parse_number(answer), parse_number(gold)
+            return got is not None and want is not None and abs(got - want) <= self.tolerance
+        accepted = {normalize_text(g) for g in [gold, *self.aliases(record)]}
+        return normalize_text(answer) in accepted
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------------------------------
+
+_FORMATTER = string.Formatter()
+
+
+def template_fields(template: str, *, what: str = "template") -> set[str]:
+    """Root field names a str.format template uses; DataError if it does not parse."""
+    if not isinstance(template, str):
+        raise DataError(f"{what} must be a string, got {type(template).__name__}")
+    try:
+        parsed = list(_FORMATTER.parse(template))
+    except ValueError as e:
+        raise DataError(f"{what} {template!r} does not parse as a str.format template: {e}") from None
+    fields = set()
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        root = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if root == "" or root.isdigit():
+            raise DataError(f"{what} {template!r} has a positional placeholder {{{name}}}; use named fields")
+        fields.add(root)
+        if spec and "{" in spec:
+            fields |= template_fields(spec, what=what)
+    return fields
+
+
+def render_template(template: str, fields: Mapping, *, what: str, where: str) -> str:
+    """str.format over a record; a missing placeholder names itself, the task and the record."""
+    try:
+        return template.format_map(fields)
+    except KeyError as e:
+        raise DataError(f"{what} placeholder {{{e.args[0]}}} has no field in {where}; "
+                        f"record fields: {', '.join(sorted(map(str, fields))) or 'none'}") from None
+    except (IndexError, AttributeError, ValueError, TypeError) as e:
+        raise DataError(f"{what} {template!r} cannot render {where}: {e}") from None
+
+
+def choices_text(choices: Sequence[str]) -> str:
+    """'A. first\\nB. second...' (no trailing newline)."""
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+
+
+# --------------------------------------------------------------------------------------------------
+# Task
+# --------------------------------------------------------------------------------------------------
+
+_DEFAULT_SPLIT_NAMES = MappingProxyType({s: s for s in SPLITS})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """One benchmark: its records, how they are shown, the required answer format and its judge.
+
+    Compared by identity (``eq=False``): a task holds a data source and a record cache.
+    """
+
+    name: str
+    source: DataSource
+    input_template: str
+    target_template: str
+    format: FormatSpec
+    answer: AnswerSpec
+    instruction: str = ""
+    answer_field: str = "answer"
+    choices_field: str | None = None
+    max_new_tokens: int = 16
+    fewshot_separator: str = "\n\n"
+    split_names: Mapping[str, str] = _DEFAULT_SPLIT_NAMES
+    description: str = ""
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _where: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"task name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.format, FormatSpec):
+            raise ConfigError(f"task {self.name!r}: format must be a FormatSpec, got {type(self.format).__name__}")
+        if not isinstance(self.answer, AnswerSpec):
+            raise ConfigError(f"task {self.name!r}: answer must be an AnswerSpec, got {type(self.answer).__name__}")
+        if not (callable(getattr(self.source, "load", None)) and hasattr(self.source, "splits")):
+            raise ConfigError(f"task {self.name!r}: source must have load(split) and splits, got {self.source!r}")
+        for attr in ("instruction", "answer_field", "fewshot_separator", "description"):
+            if not isinstance(getattr(self, attr), str):
+                raise ConfigError(f"task {self.name!r}: {attr} must be a string, got {getattr(self, attr)!r}")
+        if not self.answer_field:
+            raise ConfigError(f"task {self.name!r}: answer_field must be a non-empty field name")
+        if self.choices_field is not None and not isinstance(self.choices_field, str):
+            raise ConfigError(f"task {self.name!r}: choices_field must be a field name, got {self.choices_field!r}")
+        if self.choices_field is not None and self.answer.kind != "choice":
+            raise ConfigError(f"task {self.name!r}: choices_field is set but the answer kind is {self.answer.kind!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"task {self.name!r}: max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.split_names, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.split_names.items()
+        ):
+            raise ConfigError(f"task {self.name!r}: split_names must map split names to source split names")
+        object.__setattr__(self, "split_names", MappingProxyType(dict(self.split_names)))
+        template_fields(self.input_template, what=f"task {self.name!r} input_template")
+        target_fields = template_fields(self.target_template, what=f"task {self.name!r} target_template")
+        if not target_fields & {"answer", self.answer_field}:
+            raise DataError(f"task {self.name!r} target_template {self.target_template!r} never uses "
+                            f"{{answer}}, so every target would be the same")
+
+    # --- records -----------------------------------------------------------------------------------
+
+    def records(self, split: str) -> list[dict]:
+        """The split's records (loaded once, each checked to render); DataError if empty."""
+        if split not in self._cache:
+            if split not in self.split_names:
+                raise DataError(f"task {self.name!r} has no split {split!r}; "
+                                f"splits: {', '.join(self.split_names)}")
+            source_split = self.split_names[split]
+            splits = tuple(self.source.splits)
+            if source_split not in splits:
+                raise DataError(f"task {self.name!r}: split {split!r} (source split {source_split!r}) is not "
+                                f"in its data; available: {', '.join(splits) or 'none'}")
+            loaded = self.source.load(source_split)
+            if not loaded:
+                raise DataError(f"task {self.name!r}: split {split!r} is empty")
+            labelled = []
+            try:
+                for i, record in enumerate(loaded):
+                    if not isinstance(record, Mapping):
+                        raise DataError(f"task {self.name!r}: {split} record {i} is a {type(record).__name__}, "
+                                        "expected a dict of fields")
+                    # Labels are keyed by object id; the cache keeps these records alive, so ids stay unique.
+                    self._where[id(record)] = _record_label(record, f"{split}[{i}]")
+                    labelled.append(id(record))
+                    self.render_input(record)
+                    self.render_target(record)
+                    self.answer.aliases(record, where=self._describe(record))
+            except Exception:
+                for key in labelled:
+                    self._where.pop(key, None)
+                raise
+            self._cache[split] = list(loaded)
+        return list(self._cache[split])
+
+    def _describe(self, record: Mapping) -> str:
+        label = self._where.get(id(record)) or _record_label(record, None)
+        return f"task {self.name!r}, record {label}"
+
+    def _choices(self, record: Mapping) -> list[str] | None:
+        if self.choices_field is None:
+            return None
+        if self.choices_field not in record:
+            raise DataError(f"choices field {self.choices_field!r} is missing in {self._describe(record)}")
+        choices = record[self.choices_field]
+        if (not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS)
+                or not all(isinstance(c, str) for c in choices)):
+            raise DataError(f"choices field {self.choices_field!r} in {self._describe(record)} is {choices!r}, "
+                            f"expected a list of 2-{len(LETTERS)} strings")
+        return list(choices)
+
+    def _input_fields(self, record: Mapping) -> dict:
+        fields = dict(record)
+        choices = self._choices(record)
+        if choices is not None and "choices_text" not in fields:
+            fields["choices_text"] = choices_text(choices)
+        return fields
+
+    # --- rendering ---------------------------------------------------------------------------------
+
+    def render_input(self, record: Mapping) -> str:
+        return render_template(self.input_template, self._input_fields(record),
+                               what="input_template", where=self._describe(record))
+
+    def gold(self, record: Mapping) -> str:
+        if self.answer_field not in record:
+            raise DataError(f"gold field {self.answer_field!r} is missing in {self._describe(record)}")
+        return self.answer.canonical_gold(record[self.answer_field], field=self.answer_field,
+                                          choices=self._choices(record), where=self._describe(record))
+
+    def _render_target_with(self, record: Mapping, answer: str) -> str:
+        fields = self._input_fields(record)
+        fields["answer"] = answer
+        fields[self.answer_field] = answer
+        return render_template(self.target_template, fields, what="target_template",
+                               where=self._describe(record))
+
+    def render_target(self, record: Mapping) -> str:
+        return self._render_target_with(record, self.gold(record))
+
+    def examples(self, split: str) -> list[tuple[str, str]]:
+        return [(self.render_input(r), self.render_target(r)) for r in self.records(split)]
+
+    # --- prompts -----------------------------------------------------------------------------------
+
+    def _instruction_block(self) -> str:
+        return self.instruction + self.fewshot_separator if self.instruction else ""
+
+    def zero_shot_prompt(self, record: Mapping) -> str:
+        return self._instruction_block() + self.render_input(record)
+
+    def fewshot_prefix(self, k: int, seed: int) -> str:
+        """Instruction + k seeded train demos + separator: one prefix shared by every test item."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ConfigError(f"few-shot k must be an integer >= 0, got {k!r}")
+        if k == 0:
+            return self._instruction_block()
+        train = self.records("train")
+        if k > len(train):
+            raise DataError(f"task {self.name!r}: {k}-shot needs {k} train records but the train split "
+                            f"has only {len(train)}")
+        picks = np.random.default_rng(seed).choice(len(train), size=int(k), replace=False)
+        demos = [self.render_input(train[i]) + self.render_target(train[i]) for i in picks]
+        return self._instruction_block() + self.fewshot_separator.join(demos) + self.fewshot_separator
+
+    # --- judging -----------------------------------------------------------------------------------
+
+    def parse(self, output: str) -> ParsedAnswer:
+        return self.format.parse(output)
+
+    def score(self, output: str, record: Mapping) -> tuple[ParsedAnswer, bool]:
+        parsed = self.parse(output)
+        correct = parsed.valid and self.answer.is_correct(parsed.answer, record, self.gold(record))
+        return parsed, bool(correct)
+
+    def choice_continuations(self, record: Mapping) -> tuple[list[str], int]:
+        """Each choice's target string (render_target with that letter) and the gold index."""
+        if self.answer.kind != "choice" or self.choices_field is None:
+            raise DataError(f"task {self.name!r} is not multiple choice (needs answer kind 'choice' "
+                            "and a choices_field)")
+        choices = self._choices(record)
+        letters = [LETTERS[i] for i in range(len(choices))]
+        gold = self.gold(record)
+        return [self._render_target_with(record, letter) for letter in letters], letters.index(gold)
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        return self.format.stop_sequences
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return self.answer.kind == "choice" and self.choices_field is not None
+
+
+def _record_label(record: Mapping, position: str | None) -> str:
+    rid = record.get("id") if isinstance(record, Mapping) else None
+    if position and rid is not None:
+        return f"{position} (id {rid!r})"
+    if position:
+        return position
+    if rid is not None:
+        return f"id {rid!r}"
+    text = repr(dict(record)) if isinstance(record, Mapping) else repr(record)
+    return text if len(text) <= 80 else text[:77] + "..."
