@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from spt_jax.errors import DataError, close_names
-from spt_jax.tasks.files import CsvSource, JsonlSource, load_task_file, task_from_dict
+from spt_jax.tasks.files import CsvSource, JsonlSource, TfdsSource, load_task_file, task_from_dict
 from spt_jax.tasks.task import (
     AnswerSpec,
     DataSource,
@@ -58,10 +58,6 @@ def _load_benchmarks() -> None:
         register()
 
 
-def _looks_like_file(name: str) -> bool:
-    return name.lower().endswith(_TASK_FILE_SUFFIXES) or os.sep in name or Path(name).is_file()
-
-
 def get_task(name_or_path: str | os.PathLike | Task) -> Task:
     """A registered task by name, or a task defined in a .yaml/.yml/.json file."""
     if isinstance(name_or_path, Task):
@@ -69,13 +65,26 @@ def get_task(name_or_path: str | os.PathLike | Task) -> Task:
     name = os.fspath(name_or_path)
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if _looks_like_file(name):
+    if name.lower().endswith(_TASK_FILE_SUFFIXES):
         return load_task_file(name)
     _load_benchmarks()
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if Path(name).is_file():
+        return load_task_file(name)  # explains which suffixes a task file needs
     raise DataError(f"unknown task {name!r}{close_names(name, _REGISTRY)}; known tasks: "
-                    f"{', '.join(sorted(_REGISTRY))} (or pass a .yaml/.json task file)")
+                    f"{_summary(_REGISTRY)} (or pass a .yaml/.json task file)")
+
+
+def _summary(names) -> str:
+    """Task names for one error line: 'family:<subject>' variants counted, not listed."""
+    plain = sorted(n for n in names if ":" not in n)
+    families: dict[str, int] = {}
+    for n in names:
+        if ":" in n:
+            family = n.split(":", 1)[0]
+            families[family] = families.get(family, 0) + 1
+    return ", ".join(plain + [f"{f}:<subject> ({count} tasks)" for f, count in sorted(families.items())])
 
 
 def list_tasks() -> list[str]:
@@ -102,6 +111,7 @@ __all__ = [
     "JsonlSource",
     "ParsedAnswer",
     "Task",
+    "TfdsSource",
     "get_task",
     "list_tasks",
     "load_task_file",

@@ -339,7 +339,9 @@ def task_from_dict(spec: Mapping, *, base_dir: str | os.PathLike | None = None, 
     if not isinstance(split_names, Mapping):
         raise ConfigError(f"{origin}: field 'split_names' must map our split names to the data's, got {split_names!r}")
     base = Path(base_dir) if base_dir is not None else None
-    source_spec = _section(spec, "source", {"type", "path", "paths", "fields", "delimiter", "name", "data_dir"}, origin)
+    if not isinstance(spec["source"], Mapping):
+        raise ConfigError(f"{origin}: field 'source' must be a mapping with a 'type', got {spec['source']!r}")
+    source_spec = dict(spec["source"])  # keys are checked per source type
     source = source_from_spec(source_spec, base_dir=base, origin=origin,
                               split_names=[str(v) for v in split_names.values()])
     kwargs.update(source=source, format=format_spec, answer=answer_spec)

@@ -17,7 +17,6 @@ import math
 import re
 import string
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -45,7 +44,7 @@ class DataSource(Protocol):
 class InMemorySource:
     """Records already in memory, one list per split (tests, generated tasks, adapters)."""
 
-    data: Mapping[str, Sequence[dict]]
+    data: Mapping[str, Sequence[dict]] = dataclasses.field(repr=False)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -314,7 +313,7 @@ def choices_text(choices: Sequence[str]) -> str:
 # Task
 # --------------------------------------------------------------------------------------------------
 
-_DEFAULT_SPLIT_NAMES = MappingProxyType({s: s for s in SPLITS})
+_DEFAULT_SPLIT_NAMES = {s: s for s in SPLITS}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -335,7 +334,7 @@ class Task:
     choices_field: str | None = None
     max_new_tokens: int = 16
     fewshot_separator: str = "\n\n"
-    split_names: Mapping[str, str] = _DEFAULT_SPLIT_NAMES
+    split_names: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(_DEFAULT_SPLIT_NAMES))
     description: str = ""
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
     _where: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
@@ -364,17 +363,24 @@ class Task:
             isinstance(k, str) and isinstance(v, str) for k, v in self.split_names.items()
         ):
             raise ConfigError(f"task {self.name!r}: split_names must map split names to source split names")
-        object.__setattr__(self, "split_names", MappingProxyType(dict(self.split_names)))
+        object.__setattr__(self, "split_names", dict(self.split_names))  # a private copy (picklable, unlike a proxy)
         template_fields(self.input_template, what=f"task {self.name!r} input_template")
         target_fields = template_fields(self.target_template, what=f"task {self.name!r} target_template")
         if not target_fields & {"answer", self.answer_field}:
             raise DataError(f"task {self.name!r} target_template {self.target_template!r} never uses "
                             f"{{answer}}, so every target would be the same")
 
+    def __setstate__(self, state):
+        # Record labels are keyed by object id, which a copy or unpickle changes: drop them.
+        self.__dict__.update(state, _where={})
+
     # --- records -----------------------------------------------------------------------------------
 
     def records(self, split: str) -> list[dict]:
-        """The split's records (loaded once, each checked to render); DataError if empty."""
+        """The split's records (loaded once, each checked to render; shared dicts, do not mutate).
+
+        DataError if the split is unknown, absent from the data or empty, or a record cannot render.
+        """
         if split not in self._cache:
             if split not in self.split_names:
                 raise DataError(f"task {self.name!r} has no split {split!r}; "

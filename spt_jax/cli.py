@@ -1,0 +1,397 @@
+"""The ``spt-jax`` command.
+
+``spt-jax run`` is the main job: with no arguments it evaluates the embedded Gemma-3-270M base model on
+a built-in task in all three modes (zero-shot, 5-shot, soft prompt) and prints the table. ``tune``,
+``eval`` and ``compare`` run the parts; ``tasks`` and ``models`` list what is available.
+
+Results go into a new timestamped directory under ``--out`` (or ``--out/--name`` with ``--overwrite``),
+so nothing is overwritten silently. A user mistake (an unknown task, a malformed data file, a bad flag)
+prints ONE line on stderr and exits with status 2; a traceback means a bug in spt_jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spt_jax.errors import ConfigError, SptError
+
+PROG = "spt-jax"
+EXIT_USAGE = 2
+
+# Defaults of `spt-jax run`, chosen so the whole protocol on Gemma-3-270M finishes in under 15 minutes
+# on 2 CPU cores (see experiments/README.md for the measured time). The method's own numbers (80 steps
+# at batch 8, k=5) are kept; the test split is sampled to DEFAULT_N_TEST items, and the tuning curve
+# evaluates DEFAULT_N_CURVE validation items every DEFAULT_EVAL_EVERY steps.
+DEFAULT_MODEL = "gemma3-270m"
+DEFAULT_TASK = "capitals_mc"
+DEFAULT_OUT = "results"
+DEFAULT_N_TEST = 200
+DEFAULT_EVAL_EVERY = 20
+DEFAULT_N_CURVE = 64
+DEFAULT_BATCH_SIZE = 16
+
+
+class UsageError(SptError):
+    """A command-line usage mistake found by argparse."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so main() prints one line."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------------------------------
+# argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _n_test(text: str) -> int | None:
+    if text.lower() in ("all", "none", "0"):
+        return None
+    return _positive_int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    from spt_jax.evaluate import MODES
+
+    aliases = {"zero-shot": "zero_shot", "few-shot": "few_shot", "soft-prompt": "soft_prompt",
+               "zero": "zero_shot", "few": "few_shot", "soft": "soft_prompt", "all": ",".join(MODES)}
+    modes = []
+    for part in text.split(","):
+        part = aliases.get(part.strip(), part.strip())
+        modes += part.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            from spt_jax.errors import close_names
+
+            raise argparse.ArgumentTypeError(f"unknown mode {mode!r}{close_names(mode, MODES)}; "
+                                             f"modes are {', '.join(MODES)}")
+    return tuple(dict.fromkeys(modes))
+
+
+# --------------------------------------------------------------------------------------------------
+# the parser
+
+
+def _add_model_task(p, *, defaults: bool) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL if defaults else None, required=not defaults,
+                   help="embedded model name, checkpoint directory or .gguf file"
+                        + (f" (default: {DEFAULT_MODEL})" if defaults else ""))
+    p.add_argument("--task", default=DEFAULT_TASK if defaults else None, required=not defaults,
+                   help="task name (see 'spt-jax tasks') or a .yaml/.json task file"
+                        + (f" (default: {DEFAULT_TASK})" if defaults else ""))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: float32; bfloat16 on TPU/GPU)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed for sampling, demos, tuning")
+
+
+def _add_output(p) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"parent directory of results; each run gets a new timestamped folder "
+                        f"(default: {DEFAULT_OUT})")
+    p.add_argument("--name", default=None,
+                   help="a fixed folder name under --out instead of a timestamped one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results in --out/--name if it already holds some")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _add_tuning(p) -> None:
+    p.add_argument("--steps", type=_non_negative_int, default=None, help="tuning steps (default: 80)")
+    p.add_argument("--tune-batch-size", type=_positive_int, default=None, help="tuning batch size (default: 8)")
+    p.add_argument("--prompt-length", type=_positive_int, default=None,
+                   help="soft-prompt vectors P (default: 10)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="tuning learning rate")
+    p.add_argument("--eval-every", type=_non_negative_int, default=DEFAULT_EVAL_EVERY,
+                   help=f"steps between validation checks for the validity curve; 0: none "
+                        f"(default: {DEFAULT_EVAL_EVERY})")
+    p.add_argument("--n-curve", type=_positive_int, default=DEFAULT_N_CURVE,
+                   help=f"validation items in the validity curve (default: {DEFAULT_N_CURVE})")
+
+
+def _add_eval(p, *, modes_default) -> None:
+    p.add_argument("--n-test", type=_n_test, default=DEFAULT_N_TEST,
+                   help=f"test items, a seeded sample (default: {DEFAULT_N_TEST}; 'all' for the whole split)")
+    p.add_argument("--k", type=_non_negative_int, default=5, help="few-shot demonstrations (default: 5)")
+    p.add_argument("--modes", type=_modes, default=modes_default,
+                   help="comma-separated modes: zero_shot, few_shot, soft_prompt"
+                        + (f" (default: {','.join(modes_default)})" if modes_default else ""))
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"generation batch size (default: {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="generation budget (default: the task's)")
+    p.add_argument("--no-loglik", action="store_true",
+                   help="skip the log-likelihood choice accuracy of multiple-choice tasks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from spt_jax import __version__
+
+    parser = _Parser(prog=PROG, description="Fair, cheap LLM benchmark evaluation by soft-prompt tuning.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="the full protocol: zero-shot, few-shot and soft prompt; prints the table",
+                         description="Evaluate a model on a task in zero-shot, k-shot and soft-prompt modes "
+                                     "(tuning the prompt on the train split), write results and print the table.")
+    _add_model_task(run, defaults=True)
+    _add_eval(run, modes_default=("zero_shot", "few_shot", "soft_prompt"))
+    _add_tuning(run)
+    _add_output(run)
+
+    tune = sub.add_parser("tune", help="tune a soft prompt on a task's train split and save it",
+                          description="Tune a soft prompt on the task's train split; writes the prompt file, "
+                                      "the per-step history and the validity curve.")
+    _add_model_task(tune, defaults=True)
+    _add_tuning(tune)
+    tune.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                      help=f"generation batch size of the curve evaluations (default: {DEFAULT_BATCH_SIZE})")
+    tune.add_argument("--checkpoint-dir", default=None, help="resume from / save tuning checkpoints here")
+    _add_output(tune)
+
+    ev = sub.add_parser("eval", help="evaluate without tuning (zero-/few-shot, or a saved soft prompt)",
+                        description="Evaluate a model on a task; soft_prompt mode needs --prompt (a file "
+                                    "written by 'spt-jax tune' or 'spt-jax run').")
+    _add_model_task(ev, defaults=True)
+    _add_eval(ev, modes_default=None)
+    ev.add_argument("--prompt", default=None, help="a saved soft-prompt file to evaluate (soft_prompt mode)")
+    _add_output(ev)
+
+    compare = sub.add_parser("compare", help="models x tasks from a YAML/JSON config; tables + rank correlations",
+                             description="Evaluate every model of the config on every task, print a table per "
+                                         "task and the rank correlations between the modes' scores.")
+    compare.add_argument("config", help="a .yaml/.yml/.json config (see experiments/compare_embedded.yaml)")
+    compare.add_argument("--out", default=None, help="parent directory (default: the config's 'out' or results)")
+    compare.add_argument("--name", default=None, help="a fixed folder name instead of a timestamped one")
+    compare.add_argument("--overwrite", action="store_true", help="replace results in --out/--name")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+    sub.add_parser("tasks", help="list the available tasks", description="List every task with its description.")
+    sub.add_parser("models", help="list the embedded models and whether they are installed",
+                   description="List the embedded models and whether their weights are installed.")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def _log(args):
+    if getattr(args, "quiet", False):
+        return lambda message: None
+    return lambda message: print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
+
+
+def _out_dir(args, label: str, marker: str) -> Path:
+    """The folder this run writes: a fresh timestamped one, or --name (refused if used, unless --overwrite)."""
+    from spt_jax.evaluate import check_out_dir, timestamped_dir
+
+    parent = Path(args.out if args.out is not None else DEFAULT_OUT).expanduser()
+    if args.name is None:
+        return timestamped_dir(parent, label)
+    if args.name in ("", ".", "..") or Path(args.name).name != args.name:
+        raise ConfigError(f"--name must be a plain folder name, got {args.name!r}")
+    return check_out_dir(parent / args.name, args.overwrite, marker=marker)
+
+
+def _label(*parts: str) -> str:
+    """A folder label from model/task names, which may be paths (only their final stem is kept)."""
+    return "_".join(Path(str(p).rstrip("/")).stem or str(p) for p in parts)
+
+
+def _tune_config(args):
+    from spt_jax.evaluate import _replace_tune, _default_tune_config
+
+    changes = {}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.tune_batch_size is not None:
+        changes["batch_size"] = args.tune_batch_size
+    if args.prompt_length is not None:
+        changes["prompt_length"] = args.prompt_length
+    if args.lr is not None:
+        changes["learning_rate"] = args.lr
+    return _replace_tune(_default_tune_config(), changes, "command line")
+
+
+def _eval_config(args, *, modes, tune=None, prompt_file=None, eval_every=0, n_curve=64):
+    from spt_jax.evaluate import EvalConfig
+
+    fields = dict(modes=modes, k=args.k, seed=args.seed, n_test=args.n_test, eval_every=eval_every,
+                  n_curve=n_curve, batch_size=args.batch_size, dtype=args.dtype, loglik=not args.no_loglik,
+                  max_new_tokens=args.max_new_tokens, prompt_file=prompt_file)
+    if tune is not None:
+        fields["tune"] = tune
+    return EvalConfig(**fields)
+
+
+def load_model(name_or_path: str, *, dtype: str = "float32"):
+    """The LM for a --model value (module-level so tests and embedders can substitute it)."""
+    from spt_jax.models import load
+
+    return load(name_or_path, dtype=dtype)
+
+
+def _evaluate_command(args, config, label_mode: str) -> int:
+    from spt_jax.evaluate import RESULTS_FILE, check_inputs, evaluate
+    from spt_jax.report import results_table
+    from spt_jax.tasks import get_task
+
+    log = _log(args)
+    task = get_task(args.task)
+    check_inputs(task, config)  # bad data fails before the model loads
+    log(f"loading {args.model} ({args.dtype})")
+    lm = load_model(args.model, dtype=args.dtype)
+    out = _out_dir(args, _label(args.model, task.name, label_mode), RESULTS_FILE)
+    log(f"writing results to {out}")
+    results = evaluate(lm, task, config, out, overwrite=True, progress=not args.quiet, log=log)
+    print(f"\n{results['model']['name']} on {task.name} ({results['n']} test items)\n")
+    print(results_table(results))
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    config = _eval_config(args, modes=args.modes, tune=_tune_config(args), eval_every=args.eval_every,
+                          n_curve=args.n_curve)
+    return _evaluate_command(args, config, "run")
+
+
+def cmd_eval(args) -> int:
+    modes = args.modes
+    if modes is None:
+        modes = ("zero_shot", "few_shot") + (("soft_prompt",) if args.prompt else ())
+    if "soft_prompt" in modes and not args.prompt:
+        raise ConfigError("soft_prompt mode in 'spt-jax eval' needs --prompt FILE (a saved soft prompt); "
+                          "'spt-jax run' tunes one")
+    if args.prompt and not Path(args.prompt).expanduser().exists():
+        raise ConfigError(f"prompt file {args.prompt} does not exist")
+    config = _eval_config(args, modes=modes, prompt_file=args.prompt)
+    return _evaluate_command(args, config, "eval")
+
+
+def cmd_tune(args) -> int:
+    from spt_jax.evaluate import EvalConfig, PROMPT_FILE, TUNING_FILE, check_inputs, tune_outputs
+    from spt_jax.tasks import get_task
+
+    log = _log(args)
+    config = EvalConfig(modes=("soft_prompt",), seed=args.seed, tune=_tune_config(args),
+                        eval_every=args.eval_every, n_curve=args.n_curve, batch_size=args.batch_size,
+                        dtype=args.dtype, loglik=False)
+    task = get_task(args.task)
+    check_inputs(task, config)
+    log(f"loading {args.model} ({args.dtype})")
+    lm = load_model(args.model, dtype=args.dtype)
+    out = _out_dir(args, _label(args.model, task.name, "tune"), TUNING_FILE)
+    log(f"tuning a soft prompt on {task.name}'s train split; writing to {out}")
+    summary = tune_outputs(lm, task, config, out, checkpoint_dir=args.checkpoint_dir,
+                           progress=not args.quiet)
+    curve = summary.get("curve") or []
+    if curve:
+        last = curve[-1]
+        print(f"step {last['step']}: format validity {last['format_validity']:.3f}, accuracy "
+              f"{last['accuracy']:.3f} on {last['n']} {last['split']} items")
+    print(f"prompt: {out / PROMPT_FILE}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from spt_jax.evaluate import COMPARE_FILE, compare, load_compare_config
+    from spt_jax.report import compare_markdown
+
+    log = _log(args)
+    config = load_compare_config(args.config)
+    if args.out is None:
+        args.out = config.out or DEFAULT_OUT
+    out = _out_dir(args, _label(Path(args.config).stem, "compare"), COMPARE_FILE)
+    summary = compare(config, out, overwrite=True, progress=not args.quiet, load_model=load_model, log=log)
+    print(compare_markdown(summary))
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from spt_jax.tasks import get_task, list_tasks
+
+    names = list_tasks()
+    width = max((len(n) for n in names), default=4)
+    for name in names:
+        try:
+            description = get_task(name).description
+        except SptError as e:  # a benchmark whose backend is missing still lists
+            description = f"(unavailable: {e})"
+        print(f"{name:<{width}}  {description}".rstrip())
+    return 0
+
+
+def cmd_models(args) -> int:
+    from spt_jax.models.embedded import list_embedded
+
+    entries = list_embedded()
+    width = max((len(e["name"]) for e in entries), default=4)
+    for entry in entries:
+        state = "installed" if entry.get("installed") else "not installed"
+        print(f"{entry['name']:<{width}}  {state:<13}  {entry.get('description', '')}".rstrip())
+    print("Any Hugging Face checkpoint directory (config.json + safetensors) or .gguf file works as --model too.")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "tune": cmd_tune, "eval": cmd_eval, "compare": cmd_compare,
+            "tasks": cmd_tasks, "models": cmd_models}
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spt-jax`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv or ["run"])  # no arguments: the main job
+        if args.command is None:
+            raise UsageError(f"{PROG}: name a command: {', '.join(COMMANDS)} (see '{PROG} --help')")
+        return COMMANDS[args.command](args)
+    except SptError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,658 @@
+"""GGUF checkpoints as a transformers config, Hugging Face-named numpy tensors and a tokenizer.
+
+Every checkpoint format meets the rest of spt_jax in one shape: a transformers config object and a
+stream of ``(hf_name, array)`` pairs in Hugging Face PyTorch naming and layout. This module turns a
+GGUF file (llama.cpp's format) into that, undoing what llama.cpp's converter did to each family:
+
+* llama (also Mistral, SmolLM): q/k rows permuted for llama.cpp's interleaved rope -> un-permuted
+  back to Hugging Face's rotate-half layout; llama3 rope scaling stored as a ``rope_freqs`` tensor ->
+  recovered as ``rope_parameters``.
+* gemma, gemma2, gemma3: every ``*norm.weight`` stored as ``w + 1`` -> ``w`` (subtracted in float32).
+* gpt2: the Conv1D weights stored transposed -> transposed back to ``[in, out]``.
+* qwen2, qwen3: names only.
+
+Metadata keys are mapped with transformers' own tables (``GGUF_CONFIG_MAPPING``) and the tokenizer is
+built with transformers' torch-free GGUF tokenizer converters. Neither transformers' GGUF reader nor
+its tensor loader is used: both import torch, which spt_jax does not need at run time. Tensor data
+is dequantized by ``gguf.quants.dequantize`` one tensor (in row chunks) at a time.
+
+We parse the GGUF header ourselves (a few dozen lines of ``struct``) rather than with
+``gguf.GGUFReader``, which builds a numpy view per vocabulary entry and takes ~10-20 s on Gemma 3's
+262k-token vocabulary; the tests check this parser against ``GGUFReader`` on the same files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import mmap
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from spt_jax.errors import ConfigError, WeightsError, close_names
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2")
+
+# Tokens llama.cpp treats as end-of-generation when the vocabulary marks them as control tokens
+# (llama-vocab.cpp); a chat model stops on these, not only on `tokenizer.ggml.eos_token_id`.
+_END_OF_GENERATION_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<EOT>",
+        "_<EOT>",
+    }
+)
+_CONTROL_TOKEN = 3  # llama.cpp's token type for control tokens
+
+# Hugging Face module names (without `.weight`/`.bias`) per architecture; gguf's TensorNameMap turns
+# each into its GGUF name, and we invert that. `{i}` is the layer index.
+_LLAMA_LAYER = (
+    "model.layers.{i}.input_layernorm",
+    "model.layers.{i}.post_attention_layernorm",
+    "model.layers.{i}.self_attn.q_proj",
+    "model.layers.{i}.self_attn.k_proj",
+    "model.layers.{i}.self_attn.v_proj",
+    "model.layers.{i}.self_attn.o_proj",
+    "model.layers.{i}.mlp.gate_proj",
+    "model.layers.{i}.mlp.up_proj",
+    "model.layers.{i}.mlp.down_proj",
+)
+_QK_NORM = ("model.layers.{i}.self_attn.q_norm", "model.layers.{i}.self_attn.k_norm")
+_SANDWICH_NORM = (
+    "model.layers.{i}.pre_feedforward_layernorm",
+    "model.layers.{i}.post_feedforward_layernorm",
+)
+_DECODER_GLOBAL = ("model.embed_tokens", "model.norm", "lm_head")
+_HF_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (_DECODER_GLOBAL, _LLAMA_LAYER),
+    "qwen2": (_DECODER_GLOBAL, _LLAMA_LAYER),
+    "qwen3": (_DECODER_GLOBAL, _LLAMA_LAYER + _QK_NORM),
+    "gemma": (_DECODER_GLOBAL, _LLAMA_LAYER),
+    "gemma2": (_DECODER_GLOBAL, _LLAMA_LAYER + _SANDWICH_NORM),
+    "gemma3": (_DECODER_GLOBAL, _LLAMA_LAYER + _SANDWICH_NORM + _QK_NORM),
+    "gpt2": (
+        ("transformer.wte", "transformer.wpe", "transformer.ln_f", "lm_head"),
+        (
+            "transformer.h.{i}.ln_1",
+            "transformer.h.{i}.attn.c_attn",
+            "transformer.h.{i}.attn.c_proj",
+            "transformer.h.{i}.ln_2",
+            "transformer.h.{i}.mlp.c_fc",
+            "transformer.h.{i}.mlp.c_proj",
+        ),
+    ),
+}
+# GGUF tensors with no Hugging Face parameter: llama3's rope factors become config fields instead.
+_NON_PARAMETER_TENSORS = frozenset({"rope_freqs.weight"})
+
+_DEQUANT_CHUNK_ELEMENTS = 1 << 22  # rows are dequantized ~4M values at a time to bound temporaries
+
+
+# ----------------------------------------------------------------------------------------- header
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file and how it is stored."""
+
+    name: str  # GGUF name, e.g. "blk.3.attn_q.weight"
+    shape: tuple[int, ...]  # numpy order (ggml's dims reversed): [out, in] for a linear weight
+    qtype: gguf.GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufHeader:
+    """A GGUF file's metadata and tensor table; no tensor data is read."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata["general.architecture"]
+
+    @functools.cached_property
+    def tensor_by_name(self) -> dict[str, TensorInfo]:
+        return {info.name: info for info in self.tensors}
+
+
+_SCALAR_FORMATS = {
+    gguf.GGUFValueType.UINT8: "<B",
+    gguf.GGUFValueType.INT8: "<b",
+    gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h",
+    gguf.GGUFValueType.UINT32: "<I",
+    gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f",
+    gguf.GGUFValueType.BOOL: "<?",
+    gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q",
+    gguf.GGUFValueType.FLOAT64: "<d",
+}
+
+
+class _CorruptHeader(Exception):
+    """A header that does not parse as GGUF (the caller adds the file name)."""
+
+
+def _value_type(type_id: int) -> gguf.GGUFValueType:
+    try:
+        return gguf.GGUFValueType(type_id)
+    except ValueError:
+        raise _CorruptHeader(f"unknown metadata value type {type_id}") from None
+
+
+class _HeaderCursor:
+    """Sequential little-endian reads over the mapped file."""
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.pos = 0
+
+    def unpack(self, fmt: str):
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        (length,) = self.unpack("<Q")
+        end = self.pos + length
+        if end > len(self.buf):
+            raise _CorruptHeader(f"a string of {length:,} bytes runs past the end of the file")
+        text = self.buf[self.pos : end].decode("utf-8", errors="replace")
+        self.pos = end
+        return text
+
+    def value(self, value_type: int):
+        value_type = _value_type(value_type)
+        if value_type == gguf.GGUFValueType.STRING:
+            return self.string()
+        if value_type == gguf.GGUFValueType.ARRAY:
+            element_type, count = self.unpack("<IQ")
+            element_type = _value_type(element_type)
+            if element_type in _SCALAR_FORMATS:  # numeric arrays (scores, token types) in one read
+                dtype = np.dtype(gguf.GGUFReader.gguf_scalar_to_np[element_type]).newbyteorder("<")
+                end = self.pos + count * dtype.itemsize
+                if end > len(self.buf):
+                    raise _CorruptHeader(f"an array of {count:,} values runs past the end of the file")
+                values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+                self.pos = end
+                return values.tolist()
+            if element_type == gguf.GGUFValueType.STRING:
+                return [self.string() for _ in range(count)]
+            return [self.value(element_type) for _ in range(count)]
+        (value,) = self.unpack(_SCALAR_FORMATS[value_type])
+        if value_type == gguf.GGUFValueType.FLOAT32:
+            # the shortest decimal that round-trips in float32: an eps stored as 1e-6 reads as 1e-06,
+            # not 9.999999974752427e-07
+            return float(str(np.float32(value)))
+        return value
+
+
+def read_gguf_header(path) -> GgufHeader:
+    """Parse a GGUF file's metadata and tensor table, checking the file holds all declared data.
+
+    Raises WeightsError naming the file when it is missing, empty, not GGUF, or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"GGUF file {path} does not exist")
+    file_size = path.stat().st_size
+    if file_size == 0:
+        raise WeightsError(f"GGUF file {path} is empty")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise WeightsError(
+                f"{path} is not a GGUF file: it starts with {bytes(buf[:4])!r}, expected b'GGUF'"
+            )
+        try:
+            metadata, raw_tensors, table_end = _parse_header(_HeaderCursor(buf))
+        except (struct.error, _CorruptHeader) as err:
+            raise WeightsError(
+                f"GGUF file {path} is truncated or corrupt: its header cannot be read ({err})"
+            ) from err
+    alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    data_start = -(-table_end // alignment) * alignment
+    tensors = tuple(_tensor_info(path, data_start, *raw) for raw in raw_tensors)
+    for info in tensors:
+        if info.offset + info.nbytes > file_size:
+            raise WeightsError(
+                f"GGUF file {path} is truncated: tensor {info.name!r} needs bytes up to "
+                f"{info.offset + info.nbytes:,} but the file has {file_size:,}"
+            )
+    if "general.architecture" not in metadata:
+        raise WeightsError(f"GGUF file {path} has no 'general.architecture' in its metadata")
+    return GgufHeader(path=path, metadata=metadata, tensors=tensors)
+
+
+def _parse_header(cursor: _HeaderCursor) -> tuple[dict[str, Any], list[tuple], int]:
+    _magic, version, tensor_count, kv_count = cursor.unpack("<IIQQ")
+    if version not in (2, 3):
+        raise _CorruptHeader(f"GGUF version {version}, expected 2 or 3")
+    metadata = {}
+    for _ in range(kv_count):
+        key = cursor.string()
+        (value_type,) = cursor.unpack("<I")
+        metadata[key] = cursor.value(value_type)
+    raw_tensors = []
+    for _ in range(tensor_count):
+        name = cursor.string()
+        (n_dims,) = cursor.unpack("<I")
+        dims = cursor.unpack(f"<{n_dims}Q")
+        type_id, offset = cursor.unpack("<IQ")
+        raw_tensors.append((name, tuple(reversed(dims)), type_id, offset))
+    return metadata, raw_tensors, cursor.pos
+
+
+def _tensor_info(path: Path, data_start: int, name, shape, type_id, offset) -> TensorInfo:
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+    except ValueError:
+        raise WeightsError(
+            f"GGUF file {path}: tensor {name!r} has unknown ggml type id {type_id}"
+        ) from None
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if shape and shape[-1] % block:
+        raise WeightsError(
+            f"GGUF file {path}: tensor {name!r} of shape {shape} does not split into "
+            f"{qtype.name} blocks of {block}"
+        )
+    nbytes = math.prod(shape) // block * type_size
+    return TensorInfo(name, shape, qtype, data_start + offset, nbytes)
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def read_gguf_config(path):
+    """The transformers config (LlamaConfig, Gemma3TextConfig, ...) a GGUF file's metadata describes."""
+    return _config_from_header(read_gguf_header(path))
+
+
+def _config_from_header(header: GgufHeader):
+    import transformers
+
+    model_type, fields = _config_fields(header)
+    return transformers.AutoConfig.for_model(model_type, **fields)
+
+
+def _architecture(header: GgufHeader) -> str:
+    arch = header.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"GGUF file {header.path} has architecture {arch!r}, which spt_jax cannot load"
+            f"{close_names(arch, SUPPORTED_ARCHITECTURES)}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _config_renames(arch: str) -> dict[str, str | None]:
+    """transformers' `{arch}.<key>` -> config-field table; Gemma 1 borrows Gemma 2's (it has none)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    if arch == "gemma":
+        gemma2 = GGUF_CONFIG_MAPPING["gemma2"]
+        return {k: v for k, v in gemma2.items() if k != "attention.sliding_window"}
+    return GGUF_CONFIG_MAPPING[arch]
+
+
+def _config_fields(header: GgufHeader) -> tuple[str, dict[str, Any]]:
+    """`(model_type, config kwargs)` from the metadata, following llama.cpp where the file is silent."""
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    arch = _architecture(header)
+    meta = header.metadata
+    key = lambda name: meta.get(f"{arch}.{name}")  # noqa: E731
+    model_type = {"gemma3": "gemma3_text"}.get(arch, arch)
+    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
+        model_type = "mistral"  # llama.cpp writes Mistral as llama; transformers does the same check
+
+    fields: dict[str, Any] = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
+    for gguf_key, field in _config_renames(arch).items():
+        if field not in (None, -1) and key(gguf_key) is not None:
+            fields[field] = key(gguf_key)
+    for gguf_key, field in GGUF_CONFIG_MAPPING["tokenizer"].items():
+        if meta.get(f"tokenizer.{gguf_key}") is not None:
+            fields[field] = meta[f"tokenizer.{gguf_key}"]
+    if key("attention.key_length") is not None and arch != "gpt2":
+        fields["head_dim"] = key("attention.key_length")  # e.g. Qwen3: head_dim != hidden / heads
+
+    tensors = header.tensor_by_name
+    fields["_name_or_path"] = str(header.path)
+    # llama.cpp writes the output projection only when it is not the embedding matrix
+    fields["tie_word_embeddings"] = "output.weight" not in tensors
+    fields["vocab_size"] = _vocab_size(header, fields.get("vocab_size"))
+    fields["eos_token_id"] = _end_of_generation_ids(meta) or fields.get("eos_token_id")
+
+    if arch == "gpt2":
+        fields["n_positions"] = fields.pop("n_ctx", 1024)
+        fields["n_inner"] = fields.pop("feed_forward_length", None)
+        return model_type, fields
+
+    rope = _rope_parameters(header, arch, fields)
+    if arch == "llama":
+        fields["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        fields["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    if arch in ("gemma2", "gemma3"):
+        n_layers = fields["num_hidden_layers"]
+        head_dim = fields.get("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+        # llama.cpp scales queries by head_dim**-0.5 except for the 27B models (hidden / heads)
+        big = n_layers == {"gemma2": 46, "gemma3": 62}[arch]
+        fields["query_pre_attn_scalar"] = (
+            fields["hidden_size"] // fields["num_attention_heads"] if big else head_dim
+        )
+        fields["layer_types"] = _gemma_layer_types(meta, arch, n_layers)
+        for softcap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if key(softcap) is not None:
+                fields[softcap] = key(softcap)
+    if arch == "gemma3":
+        # llama.cpp hard-codes the sliding layers' rope: base 10k, no scaling
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+    fields["rope_parameters"] = rope
+    fields.pop("rope_theta", None)
+    return model_type, fields
+
+
+def _vocab_size(header: GgufHeader, stated: int | None) -> int:
+    """The embedding's row count (what the weights need), else the stated size or the vocabulary's."""
+    for name in ("token_embd.weight", "output.weight"):
+        if name in header.tensor_by_name:
+            return header.tensor_by_name[name].shape[0]
+    return stated if stated is not None else len(header.metadata.get("tokenizer.ggml.tokens", ()))
+
+
+def _end_of_generation_ids(meta: dict[str, Any]) -> int | list[int] | None:
+    """eos, eot and eom ids plus the control tokens llama.cpp recognises as ends of a turn."""
+    ids = []
+    for name in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        if meta.get(f"tokenizer.ggml.{name}") is not None:
+            ids.append(meta[f"tokenizer.ggml.{name}"])
+    tokens = meta.get("tokenizer.ggml.tokens", ())
+    types = meta.get("tokenizer.ggml.token_type", ())
+    for index, (text, kind) in enumerate(zip(tokens, types)):
+        if kind == _CONTROL_TOKEN and text in _END_OF_GENERATION_TEXTS:
+            ids.append(index)
+    ids = list(dict.fromkeys(ids))
+    return ids[0] if len(ids) == 1 else (ids or None)
+
+
+def _gemma_layer_types(meta: dict[str, Any], arch: str, n_layers: int) -> list[str]:
+    """Sliding vs full attention per layer: the file's pattern if it states one, else llama.cpp's."""
+    stated = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(stated, list):
+        if len(stated) != n_layers:
+            raise ConfigError(
+                f"{arch}.attention.sliding_window_pattern has {len(stated)} entries for {n_layers} layers"
+            )
+        return ["sliding_attention" if s else "full_attention" for s in stated]
+    period = int(stated) if stated else {"gemma2": 2, "gemma3": 6}[arch]
+    return [
+        "full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)
+    ]
+
+
+def _rope_parameters(header: GgufHeader, arch: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """transformers' `rope_parameters` for the (global) attention layers."""
+    meta = header.metadata
+    theta = float(fields.get("rope_theta", 10_000.0))
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if "rope_freqs.weight" in header.tensor_by_name:  # llama3-style scaling, stored as factors
+        return _llama3_rope(header, theta, fields)
+    if scaling in (None, "none") or factor in (None, 1.0):
+        return {"rope_type": "default", "rope_theta": theta}
+    rope = {"rope_type": scaling, "rope_theta": theta, "factor": float(factor)}
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        rope["original_max_position_embeddings"] = int(original)
+    return rope
+
+
+# The values every Llama 3.x checkpoint uses; llama.cpp's converter keeps only the resulting factors.
+_LLAMA3_LOW_FREQ_FACTOR, _LLAMA3_HIGH_FREQ_FACTOR, _LLAMA3_ORIGINAL_CONTEXT = 1.0, 4.0, 8192
+
+
+def _llama3_rope(header: GgufHeader, theta: float, fields: dict[str, Any]) -> dict[str, Any]:
+    """Recover llama3 rope scaling from llama.cpp's `rope_freqs` tensor (one factor per frequency)."""
+    info = header.tensor_by_name["rope_freqs.weight"]
+    stored = _dequantize(header.path, info, np.float32).astype(np.float64)
+    head_dim = fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": theta,
+        "factor": float(stored.max()),
+        "low_freq_factor": _LLAMA3_LOW_FREQ_FACTOR,
+        "high_freq_factor": _LLAMA3_HIGH_FREQ_FACTOR,
+        "original_max_position_embeddings": _LLAMA3_ORIGINAL_CONTEXT,
+    }
+    expected = llama3_rope_factors(head_dim, **{k: v for k, v in rope.items() if k != "rope_type"})
+    if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-4):
+        raise ConfigError(
+            f"GGUF file {header.path}: its rope_freqs tensor is not llama3 rope scaling with "
+            f"low/high frequency factors {_LLAMA3_LOW_FREQ_FACTOR}/{_LLAMA3_HIGH_FREQ_FACTOR} and "
+            f"original context {_LLAMA3_ORIGINAL_CONTEXT}; spt_jax cannot recover its rope scaling"
+        )
+    return rope
+
+
+def llama3_rope_factors(
+    head_dim: int,
+    rope_theta: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> np.ndarray:
+    """Per-frequency divisors ``[head_dim // 2]`` as llama.cpp's converter writes ``rope_freqs``."""
+    freqs = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, factor, mid))
+
+
+# ---------------------------------------------------------------------------------------- tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """Where a GGUF tensor goes and what undoes llama.cpp's change to it."""
+
+    hf_name: str
+    reorder: Callable[[np.ndarray], np.ndarray] | None = None  # exact in any dtype
+    subtract: float = 0.0  # value offset, applied in float32 before the final cast
+
+
+def unpermute_llama_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rope -> Hugging Face's rotate-half halves).
+
+    llama.cpp's converter views the rows of each head as ``[2, head_dim // 2]`` and swaps the axes;
+    the inverse views them as ``[head_dim // 2, 2]`` and swaps back.
+    """
+    rows = weight.shape[0]
+    split = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+    return np.ascontiguousarray(split.swapaxes(1, 2).reshape(weight.shape))
+
+
+def _transpose(weight: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(weight.T)
+
+
+def _tensor_targets(header: GgufHeader, config) -> dict[str, _Target]:
+    """GGUF name -> `_Target`, built by naming every HF parameter through gguf's TensorNameMap."""
+    arch = _architecture(header)
+    n_layers = config.num_hidden_layers if arch != "gpt2" else config.n_layer
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(model_arch, n_layers)
+    global_modules, layer_modules = _HF_MODULES[arch]
+    modules = list(global_modules) + [m.format(i=i) for i in range(n_layers) for m in layer_modules]
+
+    targets = {}
+    for module in modules:
+        gguf_module = name_map.get_name(module)
+        if gguf_module is None:  # e.g. gemma's lm_head: always the embedding in llama.cpp
+            continue
+        for suffix in (".weight", ".bias"):
+            targets[gguf_module + suffix] = _target(arch, config, gguf_module + suffix, module + suffix)
+    return targets
+
+
+def _target(arch: str, config, gguf_name: str, hf_name: str) -> _Target:
+    if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
+        return _Target(hf_name, functools.partial(unpermute_llama_qk, n_heads=heads))
+    if arch in ("gemma", "gemma2", "gemma3") and gguf_name.endswith("norm.weight"):
+        return _Target(hf_name, subtract=1.0)
+    if arch == "gpt2" and gguf_name.endswith(
+        ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+    ):
+        return _Target(hf_name, _transpose)  # Conv1D keeps [in, out]
+    return _Target(hf_name)
+
+
+def iter_gguf_tensors(path, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, array)`` for every parameter in the file, in file order, one at a time.
+
+    Arrays are dequantized, put back in Hugging Face layout and cast to ``dtype`` (np.float32 or
+    ml_dtypes.bfloat16); each is a fresh array the caller owns, so dropping it frees its memory.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+        raise ConfigError(f"iter_gguf_tensors dtype must be a float type, got {dtype}")
+    header = read_gguf_header(path)
+    targets = _tensor_targets(header, _config_from_header(header))
+    unknown = [
+        t.name for t in header.tensors if t.name not in targets and t.name not in _NON_PARAMETER_TENSORS
+    ]
+    if unknown:
+        raise WeightsError(
+            f"GGUF file {header.path} ({header.architecture}) holds tensors spt_jax cannot place: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
+    return _stream_tensors(header, targets, dtype)  # errors above surface at the call, not on first next()
+
+
+def _stream_tensors(header: GgufHeader, targets: dict[str, _Target], dtype) -> Iterator[tuple[str, np.ndarray]]:
+    for info in header.tensors:
+        target = targets.get(info.name)
+        if target is None:
+            continue
+        if target.subtract:
+            array = _dequantize(header.path, info, np.float32)
+            array -= np.float32(target.subtract)
+            array = array.astype(dtype, copy=False)
+        else:
+            array = _dequantize(header.path, info, dtype)
+        if target.reorder is not None:
+            array = target.reorder(array)
+        yield target.hf_name, array
+
+
+def _dequantize(path: Path, info: TensorInfo, dtype) -> np.ndarray:
+    """One tensor as a fresh ``dtype`` array, dequantized by gguf in row chunks to bound temporaries."""
+    out = np.empty(info.shape, dtype=dtype)
+    if out.size == 0:
+        return out
+    rows = out.reshape(-1, info.shape[-1])  # [R, C] view of `out`
+    row_bytes = info.nbytes // rows.shape[0]
+    chunk = max(1, _DEQUANT_CHUNK_ELEMENTS // rows.shape[1])
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+    blocks = np.asarray(data).reshape(rows.shape[0], row_bytes)  # [R, row_bytes]
+    try:
+        for start in range(0, rows.shape[0], chunk):
+            rows[start : start + chunk] = gguf.quants.dequantize(
+                blocks[start : start + chunk], info.qtype
+            ).reshape(-1, rows.shape[1])
+    except NotImplementedError as err:
+        raise WeightsError(
+            f"GGUF file {path}: tensor {info.name!r} is stored as {info.qtype.name}, which gguf "
+            f"cannot dequantize ({err})"
+        ) from err
+    finally:
+        del blocks, data
+    return out
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+
+
+def load_gguf_tokenizer(path):
+    """A transformers fast tokenizer rebuilt from the vocabulary, merges and special tokens in the file.
+
+    Built with transformers' GGUF tokenizer converters directly: ``AutoTokenizer(gguf_file=...)``
+    reads the file through torch.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    header = read_gguf_header(path)
+    arch = _architecture(header)
+    meta = header.metadata
+    grouped = {
+        group: {
+            field: meta[f"tokenizer.{key}"]
+            for key, field in renames.items()
+            if f"tokenizer.{key}" in meta
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in tokenizer_dict:
+        raise WeightsError(f"GGUF file {header.path} has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS for a sentencepiece vocabulary unless the file says otherwise
+        tokenizer_config.setdefault("add_bos_token", True)
+    tokens = tokenizer_dict["tokens"]
+    for special, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            tokenizer_config[special] = tokens[token_id]
+    try:
+        backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
+    except ValueError as err:
+        raise WeightsError(f"GGUF file {header.path}: cannot build its tokenizer ({err})") from err
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, name_or_path=str(header.path), **tokenizer_config, **extra
+    )
+    return tokenizer
+
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "GgufHeader",
+    "TensorInfo",
+    "iter_gguf_tensors",
+    "llama3_rope_factors",
+    "load_gguf_tokenizer",
+    "read_gguf_config",
+    "read_gguf_header",
+    "unpermute_llama_qk",
+]

@@ -1,0 +1,203 @@
+"""Batched cached greedy generation against a naive full-forward reference, on a tiny random model."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spt_jax import generate as gen
+from spt_jax.errors import ConfigError, DataError
+from spt_jax.models import LM, DecoderLM, ModelConfig
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,:?\n"
+SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+TEXTS = ["the cat sat", "a", "hello there, friend: how are you?", "xyz", "q: why not\n", "ok then"]
+
+
+def char_tokenizer(with_bos: bool = True):
+    """One token per character, with <bos> prepended by the post-processor (offline, no hub)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + tuple(CHARS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    if with_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_lm(*, with_bos: bool = True, eos_token_ids: tuple[int, ...] = (), seed: int = 0, **overrides) -> LM:
+    """A 2-layer random model whose weights are scaled up so attention and greedy choices are sharp."""
+    tokenizer = char_tokenizer(with_bos)
+    fields = dict(
+        model_type="llama", vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_dim=8, d_ff=64, max_position_embeddings=512, eos_token_ids=eos_token_ids,
+    )  # fmt: skip
+    config = ModelConfig(**{**fields, **overrides})
+    graphdef, params = nnx.split(DecoderLM(config, rngs=nnx.Rngs(seed)))
+    params = jax.tree.map(lambda x: x * 12.0 if x.ndim > 1 else x, params)
+    return LM(name="tiny", config=config, graphdef=graphdef, params=params, tokenizer=tokenizer)
+
+
+def naive_generate(lm, text, *, soft_prompt=None, prefix_text="", max_new_tokens=16, stops=("\n",)):
+    """Reference: the whole unpadded sequence re-run for every new token, no cache, argmax."""
+    from spt_jax.tokens import bos_ids, encode, eos_ids
+
+    model = lm.model
+    tokenizer = lm.tokenizer
+    head = jnp.asarray(bos_ids(tokenizer), jnp.int32)
+    tail = encode(tokenizer, prefix_text) + encode(tokenizer, text)
+    soft = jnp.zeros((0, lm.config.d_model)) if soft_prompt is None else jnp.asarray(soft_prompt)
+    stop_ids = {i for i in range(len(tokenizer)) if any(s in tokenizer.decode([i]) for s in stops)}
+    generated = []
+    for _ in range(max_new_tokens):
+        ids = jnp.asarray(tail + generated, jnp.int32)
+        embeds = jnp.concatenate([model.embed(head), soft, model.embed(ids)])[None]
+        n = embeds.shape[1]
+        hidden, _ = model(embeds, jnp.arange(n)[None], jnp.ones((1, n), bool))
+        token = int(jnp.argmax(model.logits(hidden[0, -1])))
+        if token in eos_ids(lm):
+            break
+        generated.append(token)
+        if token in stop_ids:
+            break
+    return gen.cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stops)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm()
+
+
+def soft(lm, n=3, seed=1):
+    return jax.random.normal(jax.random.key(seed), (n, lm.config.d_model))
+
+
+NO_STOP = gen.GenerationConfig(max_new_tokens=12, stop_sequences=(), batch_size=4, length_buckets=(8, 16, 64))
+
+
+def test_model_is_context_sensitive(lm):
+    """The check below is only meaningful if outputs depend on the whole input."""
+    outs = gen.generate(lm, TEXTS, config=NO_STOP)
+    assert len(set(outs)) >= 4, outs
+
+
+@pytest.mark.parametrize(
+    "use_soft, prefix_text, with_bos",
+    [(False, "", True), (True, "", True), (False, "a: b\nc: d\n", True), (True, "q: ", False)],
+)
+def test_matches_naive_reference(use_soft, prefix_text, with_bos):
+    lm = tiny_lm(with_bos=with_bos)
+    prompt = soft(lm) if use_soft else None
+    config = dataclasses.replace(NO_STOP, max_new_tokens=10)
+    got = gen.generate(lm, TEXTS, soft_prompt=prompt, prefix_text=prefix_text, config=config)
+    want = [naive_generate(lm, t, soft_prompt=prompt, prefix_text=prefix_text, max_new_tokens=10, stops=())
+            for t in TEXTS]  # fmt: skip
+    assert got == want
+
+
+def test_cached_prefix_equals_prefix_prepended(lm):
+    prefix_text = "q: two\na: 2\n\nq: five\na: 5\n\nq: "
+    config = dataclasses.replace(NO_STOP, length_buckets=(16, 32, 64))
+    cached = gen.generate(lm, TEXTS, prefix_text=prefix_text, config=config)
+    prefix = gen.prefix_cache(lm, None, prefix_text, length_buckets=config.length_buckets)
+    reused = gen.generate(lm, TEXTS, prefix=prefix, config=config)
+    uncached = gen.generate(lm, [prefix_text + t for t in TEXTS], config=config)
+    assert cached == reused == uncached
+
+
+def test_soft_prompt_changes_outputs(lm):
+    zeros = gen.generate(lm, TEXTS, soft_prompt=jnp.zeros((3, lm.config.d_model)), config=NO_STOP)
+    rand = gen.generate(lm, TEXTS, soft_prompt=soft(lm), config=NO_STOP)
+    assert zeros != rand
+
+
+def test_stop_sequences_and_eos_cut_outputs(lm):
+    raw = gen.generate(lm, TEXTS, config=NO_STOP)
+    row = next(r for r in raw if len(set(r[1:])) >= 2)  # an output with at least two later characters
+    i = TEXTS[raw.index(row)]
+    stop_char = row[3] if len(row) > 3 else row[1]
+    one = gen.generate(lm, [i], config=dataclasses.replace(NO_STOP, stop_sequences=(stop_char,)))
+    assert one == [row[: row.index(stop_char)]]
+    # A stop sequence spanning two tokens is honoured exactly, by cutting the decoded text.
+    pair = row[1:3]
+    two = gen.generate(lm, [i], config=dataclasses.replace(NO_STOP, stop_sequences=("zzzz", pair)))
+    assert two == [row[: row.index(pair)]]
+    # EOS: make the third generated character the model's end-of-sequence token.
+    eos_id = lm.tokenizer.convert_tokens_to_ids(row[2])
+    eos_lm = dataclasses.replace(lm, config=lm.config.replace(eos_token_ids=(eos_id,)))
+    assert gen.generate(eos_lm, [i], config=NO_STOP) == [row[: row.index(row[2])]]
+    assert naive_generate(eos_lm, i, max_new_tokens=12, stops=()) == row[: row.index(row[2])]
+
+
+def test_stop_rows_end_early_and_match_reference(lm):
+    """With newline stops, rows stop at different steps; the others keep decoding correctly."""
+    config = gen.GenerationConfig(max_new_tokens=16, batch_size=3, length_buckets=(16, 64))
+    texts = ["a\nb", "zz", "what is it?\n", "a.b\nc", "hello"]
+    got = gen.generate(lm, texts, soft_prompt=soft(lm, 2), config=config)
+    want = [naive_generate(lm, t, soft_prompt=soft(lm, 2), max_new_tokens=16) for t in texts]
+    assert got == want
+    assert all("\n" not in g for g in got)
+
+
+def test_stop_mask_marks_tokens_containing_stops(lm):
+    mask = gen.token_text_mask(lm.tokenizer, lm.config.vocab_size, ("\n", "ab", "."))
+    marked = {lm.tokenizer.convert_ids_to_tokens(i) for i in np.flatnonzero(mask)}
+    assert marked == {"\n", "."}
+
+
+def test_compiles_once_per_bucket(lm):
+    config = gen.GenerationConfig(max_new_tokens=5, batch_size=4, length_buckets=(8, 16, 32))
+    texts = ["abcdefghijklmnopqrstuvwxyz"[: 1 + n % 26] + " " * (n // 26) for n in range(40)]
+    gen.generate(lm, texts[:3], config=config)  # warm the 8 bucket once, with its prefix
+    before = gen.compile_counts()
+    gen.generate(lm, texts, config=config)
+    gen.generate(lm, texts[::-1], config=dataclasses.replace(config, max_new_tokens=9))  # same rounding
+    after = gen.compile_counts()
+    assert after.get("generate", 0) - before.get("generate", 0) <= 2  # the 16 and 32 buckets
+    assert after.get("prefix", 0) == before.get("prefix", 0)
+
+
+def test_long_inputs_are_cut_from_the_left_with_a_warning(lm):
+    config = gen.GenerationConfig(max_new_tokens=4, stop_sequences=(), batch_size=2, length_buckets=(8, 16))
+    long = "abcdefghijklmnopqrstuvwxyz"
+    with pytest.warns(UserWarning, match="longer than 16 tokens"):
+        got = gen.generate(lm, [long, "ab"], config=config)
+    assert got[0] == gen.generate(lm, [long[-16:]], config=config)[0]
+    small_context = dataclasses.replace(lm, config=lm.config.replace(max_position_embeddings=14))
+    with pytest.warns(UserWarning, match="longer than 9 tokens"):  # 14 - BOS - 4 new tokens
+        gen.generate(small_context, [long], config=config)
+
+
+def test_more_texts_than_one_batch_keep_their_order(lm):
+    config = dataclasses.replace(NO_STOP, batch_size=2)
+    together = gen.generate(lm, TEXTS, config=config)
+    alone = [gen.generate(lm, [t], config=config)[0] for t in TEXTS]
+    assert together == alone
+
+
+def test_bad_input_is_reported(lm):
+    with pytest.raises(ConfigError, match="shape"):
+        gen.generate(lm, ["a"], soft_prompt=jnp.zeros((2, 7)))
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        gen.GenerationConfig(max_new_tokens=0)
+    with pytest.raises(ConfigError, match="not both"):
+        gen.generate(lm, ["a"], prefix=gen.prefix_cache(lm), prefix_text="x")
+    no_bos = tiny_lm(with_bos=False)
+    with pytest.raises(DataError, match="tokenizes to nothing"):
+        gen.generate(no_bos, [""])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gen.generate(lm, []) == []
