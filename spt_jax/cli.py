@@ -12,6 +12,7 @@ prints ONE line on stderr and exits with status 2; a traceback means a bug in sp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -273,15 +274,28 @@ def _evaluate_command(args, config, label_mode: str) -> int:
     log = _log(args)
     task = get_task(args.task)
     check_inputs(task, config)  # bad data fails before the model loads
-    log(f"loading {args.model} ({args.dtype})")
-    lm = load_model(args.model, dtype=args.dtype)
-    out = _out_dir(args, _label(args.model, task.name, label_mode), RESULTS_FILE)
-    log(f"writing results to {out}")
-    results = evaluate(lm, task, config, out, overwrite=True, progress=not args.quiet, log=log)
+    with _results_dir(args, _label(args.model, task.name, label_mode), RESULTS_FILE) as out:
+        log(f"loading {args.model} ({args.dtype})")
+        lm = load_model(args.model, dtype=args.dtype)
+        log(f"writing results to {out}")
+        results = evaluate(lm, task, config, out, overwrite=True, progress=not args.quiet, log=log)
     print(f"\n{results['model']['name']} on {task.name} ({results['n']} test items)\n")
     print(results_table(results))
     print(f"results: {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _results_dir(args, label: str, marker: str):
+    """The run's folder; removed again if the run fails before writing anything into it."""
+    out = _out_dir(args, label, marker)
+    was_empty = not any(out.iterdir())
+    try:
+        yield out
+    except BaseException:
+        if was_empty and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def cmd_run(args) -> int:
@@ -313,12 +327,12 @@ def cmd_tune(args) -> int:
                         dtype=args.dtype, loglik=False)
     task = get_task(args.task)
     check_inputs(task, config)
-    log(f"loading {args.model} ({args.dtype})")
-    lm = load_model(args.model, dtype=args.dtype)
-    out = _out_dir(args, _label(args.model, task.name, "tune"), TUNING_FILE)
-    log(f"tuning a soft prompt on {task.name}'s train split; writing to {out}")
-    summary = tune_outputs(lm, task, config, out, checkpoint_dir=args.checkpoint_dir,
-                           progress=not args.quiet)
+    with _results_dir(args, _label(args.model, task.name, "tune"), TUNING_FILE) as out:
+        log(f"loading {args.model} ({args.dtype})")
+        lm = load_model(args.model, dtype=args.dtype)
+        log(f"tuning a soft prompt on {task.name}'s train split; writing to {out}")
+        summary = tune_outputs(lm, task, config, out, overwrite=True, checkpoint_dir=args.checkpoint_dir,
+                               progress=not args.quiet)
     curve = summary.get("curve") or []
     if curve:
         last = curve[-1]
@@ -336,8 +350,8 @@ def cmd_compare(args) -> int:
     config = load_compare_config(args.config)
     if args.out is None:
         args.out = config.out or DEFAULT_OUT
-    out = _out_dir(args, _label(Path(args.config).stem, "compare"), COMPARE_FILE)
-    summary = compare(config, out, overwrite=True, progress=not args.quiet, load_model=load_model, log=log)
+    with _results_dir(args, _label(Path(args.config).stem, "compare"), COMPARE_FILE) as out:
+        summary = compare(config, out, overwrite=True, progress=not args.quiet, load_model=load_model, log=log)
     print(compare_markdown(summary))
     print(f"results: {out}")
     return 0
@@ -364,7 +378,10 @@ def cmd_models(args) -> int:
     width = max((len(e["name"]) for e in entries), default=4)
     for entry in entries:
         state = "installed" if entry.get("installed") else "not installed"
-        print(f"{entry['name']:<{width}}  {state:<13}  {entry.get('description', '')}".rstrip())
+        line = f"{entry['name']:<{width}}  {state:<13}  {entry.get('description', '')}"
+        if not entry.get("installed") and entry.get("install_command"):
+            line += f" -- install: {entry['install_command']}"
+        print(line.rstrip())
     print("Any Hugging Face checkpoint directory (config.json + safetensors) or .gguf file works as --model too.")
     return 0
 

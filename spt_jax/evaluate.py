@@ -311,9 +311,9 @@ def tune_soft_prompt(lm, task, config: EvalConfig, *, out_dir: Path | None = Non
     from spt_jax.tune import tune
 
     examples = task.examples("train")
-    curve: list[dict] = []
     on_eval = None
     tune_config = config.tune
+    curve_split = None
     if config.eval_every > 0:
         curve_split, curve_items = curve_records(task, config.n_curve, config.seed)
         curve_inputs = [task.render_input(r) for r in curve_items]
@@ -321,20 +321,16 @@ def tune_soft_prompt(lm, task, config: EvalConfig, *, out_dir: Path | None = Non
         def on_eval(step, prompt):
             outputs = _run_generation(lm, task, curve_items, curve_inputs, config, soft_prompt=prompt)
             rows = score_outputs(task, curve_items, outputs)
-            point = {
-                "step": int(step),
-                "split": curve_split,
-                "n": len(rows),
-                "format_validity": float(np.mean([r["valid"] for r in rows])),
-                "accuracy": float(np.mean([r["correct"] for r in rows])),
-            }
-            if not curve or curve[-1]["step"] != point["step"]:
-                curve.append(point)
-            return {"format_validity": point["format_validity"], "accuracy": point["accuracy"]}
+            return {"format_validity": float(np.mean([r["valid"] for r in rows])),
+                    "accuracy": float(np.mean([r["correct"] for r in rows])), "eval_n": len(rows)}
 
         tune_config = _with_eval_every(tune_config, config.eval_every)
     result = tune(lm, examples, tune_config, mesh=mesh, checkpoint_dir=checkpoint_dir, on_eval=on_eval,
                   progress=progress)
+    # From the history (not a local list) so a run resumed from a checkpoint keeps its early points.
+    curve = [{"step": int(h["step"]), "split": curve_split, "n": int(h["eval_n"]),
+              "format_validity": float(h["format_validity"]), "accuracy": float(h["accuracy"])}
+             for h in (result.history or []) if isinstance(h, Mapping) and "eval_n" in h]
     return result, curve
 
 
@@ -382,10 +378,12 @@ def tune_outputs(lm, task, config: EvalConfig, out_dir, *, overwrite: bool = Fal
 
 
 def _prompt_metadata(lm, task, config: EvalConfig, steps: int) -> dict:
+    """What the prompt file records: the model identity `load_prompt` checks, plus how it was made."""
     import spt_jax
+    from spt_jax.tune.prompt import model_metadata
 
-    return {"model": str(lm.name), "d_model": int(lm.config.d_model), "task": task.name, "steps": int(steps),
-            "seed": int(config.seed), "spt_jax": spt_jax.__version__}
+    return {**model_metadata(lm), "task": task.name, "steps": int(steps), "seed": int(config.seed),
+            "spt_jax": spt_jax.__version__}
 
 
 def _loglik_reference(lm, task, items, config: EvalConfig, progress: bool) -> _ModeRun:
@@ -469,6 +467,11 @@ def evaluate(
     items = select_test(task, config.n_test, config.seed)
     fewshot_prefix = task.fewshot_prefix(config.k, config.seed) if "few_shot" in config.modes else ""
     loglik = bool(config.loglik and task.is_multiple_choice)
+    saved_prompt = None
+    if "soft_prompt" in config.modes and config.prompt_file is not None:
+        from spt_jax.tune import load_prompt
+
+        saved_prompt, _ = load_prompt(config.prompt_file, lm)  # a prompt for another model fails now
 
     records = [record for _, record in items]
     runs: dict[str, _ModeRun] = {}
@@ -487,7 +490,7 @@ def evaluate(
                                       progress=progress)
             runs[mode] = _ModeRun(inputs, outputs, prefix_text=fewshot_prefix, extra={"k": config.k})
         else:
-            soft_prompt, tuning = _soft_prompt_for(lm, task, config, out, progress)
+            soft_prompt, tuning = _soft_prompt_for(lm, task, config, saved_prompt, progress)
             t_eval = time.perf_counter()
             inputs = [task.render_input(r) for r in records]
             outputs = _run_generation(lm, task, records, inputs, config, soft_prompt=soft_prompt,
@@ -508,14 +511,11 @@ def evaluate(
     return results
 
 
-def _soft_prompt_for(lm, task, config: EvalConfig, out: Path | None, progress: bool):
-    """The soft prompt to evaluate (tuned now, or loaded) and what to record about its tuning."""
-    from spt_jax.tune import load_prompt
-
-    if config.prompt_file is not None:
-        prompt = _prompt_array(load_prompt(config.prompt_file, lm))
-        return prompt, {"source": str(config.prompt_file), "steps": None, "curve": [], "history": [],
-                        "tune_time_s": 0.0}
+def _soft_prompt_for(lm, task, config: EvalConfig, saved_prompt, progress: bool):
+    """The soft prompt to evaluate (the saved one, or tuned now) and what to record about its tuning."""
+    if saved_prompt is not None:
+        return saved_prompt, {"source": str(config.prompt_file), "steps": None, "curve": [], "history": [],
+                              "tune_time_s": 0.0}
     t0 = time.perf_counter()
     result, curve = tune_soft_prompt(lm, task, config, progress=progress)
     tune_time = time.perf_counter() - t0
@@ -531,13 +531,6 @@ def _soft_prompt_for(lm, task, config: EvalConfig, out: Path | None, progress: b
         "final_loss": _last(history, "loss"),
         "tune_time_s": tune_time,
     }
-
-
-def _prompt_array(loaded):
-    """``load_prompt`` may return the array or (array, metadata)."""
-    if isinstance(loaded, tuple):
-        return loaded[0]
-    return getattr(loaded, "prompt", loaded)
 
 
 def _steps_done(result, config: EvalConfig) -> int:
@@ -593,8 +586,10 @@ def _results(lm, task, config: EvalConfig, items, runs, predictions, tuning, wal
         hits_b = [r["correct"] and r["valid"] for r in by_mode[b]]
         valid_a = [r["valid"] for r in by_mode[a]]
         valid_b = [r["valid"] for r in by_mode[b]]
-        comparisons.append({"a": a, "b": b, "metric": "accuracy", **metrics.mcnemar(hits_a, hits_b)})
-        comparisons.append({"a": a, "b": b, "metric": "format_validity", **metrics.mcnemar(valid_a, valid_b)})
+        # mcnemar's own "b" and "c" are the discordant counts (a only right, b only right)
+        comparisons.append({"mode_a": a, "mode_b": b, "metric": "accuracy", **metrics.mcnemar(hits_a, hits_b)})
+        comparisons.append({"mode_a": a, "mode_b": b, "metric": "format_validity",
+                            **metrics.mcnemar(valid_a, valid_b)})
     return {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -84,7 +84,7 @@ def results_table(results: Mapping) -> str:
 def comparisons_table(results: Mapping) -> str:
     rows = []
     for c in results.get("comparisons", []):
-        rows.append([MODE_LABELS.get(c["a"], c["a"]), MODE_LABELS.get(c["b"], c["b"]),
+        rows.append([MODE_LABELS.get(c["mode_a"], c["mode_a"]), MODE_LABELS.get(c["mode_b"], c["mode_b"]),
                      METRIC_LABELS.get(c["metric"], c["metric"]), f"{c['difference']:+.3f}",
                      f"{c['b']} / {c['c']}", f"{c['p_value']:.3g}", c["method"]])
     if not rows:
@@ -105,15 +105,15 @@ def results_markdown(results: Mapping) -> str:
     model, task = results["model"], results["task"]
     parts = [f"# {model['name']} on {task['name']}\n",
              f"{results['n']} test items, seed {results['seed']}. Accuracy counts an unparsable answer as "
-             "wrong; knowledge accuracy is the share correct among valid (parsable) answers.\n",
+             "wrong; knowledge accuracy is the share correct among valid (parsable) answers.\n\n",
              results_table(results)]
     comparisons = comparisons_table(results)
     if comparisons:
-        parts += ["\n## Paired comparisons (same items, McNemar)\n", comparisons]
+        parts += ["\n## Paired comparisons (same items, McNemar)\n\n", comparisons]
     tuning = results.get("tuning") or {}
     if tuning.get("curve"):
         split = tuning["curve"][0].get("split", "validation")
-        parts += [f"\n## Tuning curve ({tuning['curve'][0]['n']} fixed {split} items)\n",
+        parts += [f"\n## Tuning curve ({tuning['curve'][0]['n']} fixed {split} items)\n\n",
                   curve_table(tuning["curve"])]
     if tuning:
         detail = [f"source: {tuning.get('source')}"]
@@ -147,7 +147,7 @@ def compare_markdown(summary: Mapping) -> str:
                 value = model_scores.get(mode, {}).get(metric)
                 cells.append(f"{value:.3f}" if _is_number(value) else "n/a")
             rows.append([model_name, role, *cells])
-        parts += [f"\n## {task_name}\n", _table(["model", "role", *[MODE_LABELS.get(m, m) for m in modes]], rows)]
+        parts += [f"\n## {task_name}\n\n", _table(["model", "role", *[MODE_LABELS.get(m, m) for m in modes]], rows)]
         correlations = block.get("rank_correlations", [])
         if correlations:
             corr_rows = []

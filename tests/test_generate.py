@@ -154,7 +154,7 @@ def test_stop_rows_end_early_and_match_reference(lm):
 
 def test_stop_mask_marks_tokens_containing_stops(lm):
     mask = gen.token_text_mask(lm.tokenizer, lm.config.vocab_size, ("\n", "ab", "."))
-    marked = {lm.tokenizer.convert_ids_to_tokens(i) for i in np.flatnonzero(mask)}
+    marked = {lm.tokenizer.convert_ids_to_tokens(int(i)) for i in np.flatnonzero(mask)}
     assert marked == {"\n", "."}
 
 

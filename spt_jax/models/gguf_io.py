@@ -569,27 +569,34 @@ def _stream_tensors(header: GgufHeader, targets: dict[str, _Target], dtype) -> I
 
 
 def _dequantize(path: Path, info: TensorInfo, dtype) -> np.ndarray:
-    """One tensor as a fresh ``dtype`` array, dequantized by gguf in row chunks to bound temporaries."""
+    """One tensor as a fresh ``dtype`` array, dequantized by gguf in row chunks.
+
+    Chunks are read with plain file reads rather than through a memory map, so neither the
+    tensor's stored bytes nor gguf's float32 temporaries are resident beyond one chunk.
+    """
     out = np.empty(info.shape, dtype=dtype)
     if out.size == 0:
         return out
     rows = out.reshape(-1, info.shape[-1])  # [R, C] view of `out`
     row_bytes = info.nbytes // rows.shape[0]
-    chunk = max(1, _DEQUANT_CHUNK_ELEMENTS // rows.shape[1])
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
-    blocks = np.asarray(data).reshape(rows.shape[0], row_bytes)  # [R, row_bytes]
-    try:
-        for start in range(0, rows.shape[0], chunk):
-            rows[start : start + chunk] = gguf.quants.dequantize(
-                blocks[start : start + chunk], info.qtype
-            ).reshape(-1, rows.shape[1])
-    except NotImplementedError as err:
-        raise WeightsError(
-            f"GGUF file {path}: tensor {info.name!r} is stored as {info.qtype.name}, which gguf "
-            f"cannot dequantize ({err})"
-        ) from err
-    finally:
-        del blocks, data
+    chunk_rows = max(1, _DEQUANT_CHUNK_ELEMENTS // rows.shape[1])
+    with open(path, "rb") as f:
+        f.seek(info.offset)
+        for start in range(0, rows.shape[0], chunk_rows):
+            n = min(chunk_rows, rows.shape[0] - start)
+            blocks = np.fromfile(f, dtype=np.uint8, count=n * row_bytes)
+            if blocks.size != n * row_bytes:
+                raise WeightsError(
+                    f"GGUF file {path} is truncated: tensor {info.name!r} ends past the end of the file"
+                )
+            try:
+                values = gguf.quants.dequantize(blocks.reshape(n, row_bytes), info.qtype)
+            except NotImplementedError as err:
+                raise WeightsError(
+                    f"GGUF file {path}: tensor {info.name!r} is stored as {info.qtype.name}, which "
+                    f"gguf cannot dequantize ({err})"
+                ) from err
+            rows[start : start + n] = values.reshape(n, rows.shape[1])
     return out
 
 

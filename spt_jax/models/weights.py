@@ -88,6 +88,8 @@ def load_params(
         expected = _source_shape(rule, target_shape)
         if tuple(array.shape) != expected:
             shape_errors.append(f"{name}: checkpoint shape {tuple(array.shape)}, expected {expected}")
+            for path in rule.targets:  # reported once, as mis-shaped, not again as missing
+                filled.setdefault(path, set()).add(layer if stacked else 0)
             continue
         for path, part in zip(rule.targets, _to_targets(rule, array, target_shape)):
             leaf = leaves[path]
@@ -99,7 +101,7 @@ def load_params(
             else:
                 buf[...] = part
             filled.setdefault(path, set()).add(layer if stacked else 0)
-        del array
+        del array, part  # drop the source tensor (and views of it) before reading the next
 
     missing = []
     for path, leaf in leaves.items():
@@ -133,9 +135,10 @@ def load_params(
 
 def _ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
-    out, start = [], indices[0]
-    for prev, cur in zip(indices, indices[1:] + [None]):
-        if cur != (prev + 1 if cur is not None else None):
-            out.append(f"{start}-{prev}" if prev != start else f"{start}")
-            start = cur
-    return ", ".join(out)
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)

@@ -6,7 +6,8 @@ answer; no header). It never downloads: the CSVs come from ``manual_dir``. Going
 every benchmark on one read path (ArrayRecord files + ``tfds.data_source``), so MMLU records look and
 load like the catalog benchmarks'.
 
-Importing this module registers the builder as ``mmlu`` in the TFDS registry.
+The builder stays out of the TFDS registry (``skip_registration``): a future TFDS release with its own
+``mmlu`` must not clash with it, so callers use the class itself: ``Mmlu(data_dir=...)``.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ def read_mmlu_csv(path: epath.Path, subject: str):
         yield f"{subject}-{i}", {**example, "subject": subject}
 
 
-class Mmlu(tfds.core.GeneratorBasedBuilder):
+class Mmlu(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """MMLU (57 subjects, 4 choices) from the user's copy of the original CSV release."""
 
+    name = "mmlu"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Hendrycks CSV layout; splits dev, validation, test."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS

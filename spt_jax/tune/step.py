@@ -104,11 +104,32 @@ class TrainStep:
         return self.optimizer.init(prompt)
 
 
+# Settings the compiled step depends on; a run that differs only elsewhere reuses the compilation.
+_STEP_FIELDS = (
+    "learning_rate", "optimizer", "schedule", "warmup_steps", "weight_decay", "max_grad_norm", "remat",
+)
+_STEP_CACHE: dict = {}
+
+
 def make_train_step(lm, config: TuneConfig, mesh: Mesh | None = None) -> TrainStep:
     """The prompt-only train step for ``lm`` under ``config``, with explicit shardings on ``mesh``.
 
-    Without a mesh the step is jitted with the shardings its arguments arrive in.
+    Without a mesh the step is jitted with the shardings its arguments arrive in. Steps are cached
+    per (model definition, mesh, step settings), so repeated runs (resumption, sweeps over seeds or
+    data) reuse compilations; ``compilations`` keeps counting across them.
     """
+    fields = tuple(getattr(config, f) for f in _STEP_FIELDS)
+    if config.schedule != "constant":
+        fields += (config.steps,)
+    key = (lm.graphdef, mesh, fields)
+    if key not in _STEP_CACHE:
+        if len(_STEP_CACHE) >= 16:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        _STEP_CACHE[key] = _build_train_step(lm, config, mesh)
+    return _STEP_CACHE[key]
+
+
+def _build_train_step(lm, config: TuneConfig, mesh: Mesh | None) -> TrainStep:
     optimizer = make_optimizer(config)
     graphdef = lm.graphdef
     loss_fn = functools.partial(prompt_loss, graphdef=graphdef, remat=config.remat)
