@@ -41,7 +41,12 @@ def _pin(threads: int) -> None:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's own peak RSS. (getrusage's ru_maxrss would carry over the parent's peak
+    across fork + exec, so /proc's per-address-space high-water mark is read instead.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _batch(vocab: int, batch: int, seq: int, seed: int = 0):

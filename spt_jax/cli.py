@@ -259,10 +259,14 @@ def _eval_config(args, *, modes, tune=None, prompt_file=None, eval_every=0, n_cu
     return EvalConfig(**fields)
 
 
-def load_model(name_or_path: str, *, dtype: str = "float32"):
+def load_model(name_or_path: str, *, dtype: str = "float32", log=None):
     """The LM for a --model value (module-level so tests and embedders can substitute it)."""
     from spt_jax.models import load
+    from spt_jax.models.embedded import EMBEDDED_MODELS
 
+    known = name_or_path in EMBEDDED_MODELS or Path(name_or_path).expanduser().exists()
+    if known and log is not None:  # an unknown name fails at once, with one line and no log before it
+        log(f"loading {name_or_path} ({dtype})")
     return load(name_or_path, dtype=dtype)
 
 
@@ -275,8 +279,7 @@ def _evaluate_command(args, config, label_mode: str) -> int:
     task = get_task(args.task)
     check_inputs(task, config)  # bad data fails before the model loads
     with _results_dir(args, _label(args.model, task.name, label_mode), RESULTS_FILE) as out:
-        log(f"loading {args.model} ({args.dtype})")
-        lm = load_model(args.model, dtype=args.dtype)
+        lm = load_model(args.model, dtype=args.dtype, log=log)
         log(f"writing results to {out}")
         results = evaluate(lm, task, config, out, overwrite=True, progress=not args.quiet, log=log)
     print(f"\n{results['model']['name']} on {task.name} ({results['n']} test items)\n")
@@ -328,8 +331,7 @@ def cmd_tune(args) -> int:
     task = get_task(args.task)
     check_inputs(task, config)
     with _results_dir(args, _label(args.model, task.name, "tune"), TUNING_FILE) as out:
-        log(f"loading {args.model} ({args.dtype})")
-        lm = load_model(args.model, dtype=args.dtype)
+        lm = load_model(args.model, dtype=args.dtype, log=log)
         log(f"tuning a soft prompt on {task.name}'s train split; writing to {out}")
         summary = tune_outputs(lm, task, config, out, overwrite=True, checkpoint_dir=args.checkpoint_dir,
                                progress=not args.quiet)

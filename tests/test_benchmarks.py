@@ -472,6 +472,17 @@ def test_prepare_mmlu_without_csvs_names_the_layout(tmp_path):
         bm.prepare("mmlu", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "csv")
 
 
+def test_prepare_offline_says_so(tmp_path):
+    import requests
+
+    def offline(self, url_or_urls):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'raw.githubusercontent.com'")
+
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", offline), \
+            pytest.raises(DataError, match=r"preparing benchmark 'gsm8k' .* failed: Failed to resolve .*offline"):
+        bm.prepare("gsm8k", data_dir=tmp_path)
+
+
 def test_unknown_names():
     with pytest.raises(DataError, match="did you mean 'arc_easy'"):
         bm.benchmark_task("arc_esay")
@@ -480,8 +491,12 @@ def test_unknown_names():
 
 
 def test_registry_lists_benchmarks_and_reads_tfds_data_dir(monkeypatch, tmp_path):
+    import spt_jax.tasks as tasks_module
     from spt_jax.tasks import get_task, list_tasks
 
+    # a private registry whose lazy benchmark hook has not run yet, whatever other tests did
+    monkeypatch.setattr(tasks_module, "_REGISTRY", dict(tasks_module._REGISTRY))
+    monkeypatch.setattr(tasks_module, "_benchmarks_loaded", False)
     names = list_tasks()
     for name in ("arc_easy", "arc_challenge", "gsm8k", "boolq", "triviaqa", "hellaswag", "piqa", "winogrande",
                  "openbookqa", "mmlu", "mmlu:anatomy"):
@@ -498,7 +513,7 @@ def test_main_lists_and_reports_errors_in_one_line(capsys, tmp_path):
     assert "mmlu:virology" in capsys.readouterr().out.split()
     assert bm.main(["prepare", "mmlu", "--data-dir", str(tmp_path), "--manual-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: MMLU CSVs not found")
+    assert err.startswith("error: MMLU CSVs not found") and err.count("\n") == 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def fake_load(monkeypatch, tiny_model):
     """cli.load_model returns the tiny model for any name and records what was asked for."""
     asked = []
 
-    def load_model(name, *, dtype="float32"):
+    def load_model(name, *, dtype="float32", log=None):
         asked.append((name, dtype))
         return tiny_model
 

@@ -426,6 +426,9 @@ def _family_case(arch: str):
         forward = lambda name, w: w.T if name.startswith("transformer.h") and name.endswith(conv1d) else w  # noqa: E731
     else:
         kv = decoder_kv(arch, 1, heads, kv_heads, d, ff, **{f"{arch}.attention.key_length": head_dim})
+        if arch == "gemma2":  # not the config class's defaults (50, 30), so they must come from the file
+            kv |= {"gemma2.attn_logit_softcapping": 40.0, "gemma2.final_logit_softcapping": 20.0,
+                   "gemma2.attention.sliding_window": 8}  # fmt: skip
         layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
                  "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
@@ -475,6 +478,16 @@ def test_other_families_names_and_layout(tmp_path, arch):
         assert config.head_dim == 16 and config.num_key_value_heads == 2
     if arch == "gemma2":
         assert config.layer_types == ["sliding_attention"] and config.query_pre_attn_scalar == 16
+        assert (config.attn_logit_softcapping, config.final_logit_softcapping, config.sliding_window) == (40, 20, 8)
+
+
+def test_llama_arch_named_mistral_is_mistral(tmp_path):
+    path = write_tiny_llama(tmp_path / "mistral.gguf", extra_kv={"general.name": "Mistral 7B Instruct v0.3"})
+    config = gguf_io.read_gguf_config(path)
+    assert config.model_type == "mistral" and config.sliding_window is None  # not MistralConfig's 4096
+    hf = tiny_llama_weights()
+    q = dict(gguf_io.iter_gguf_tensors(path))["model.layers.1.self_attn.q_proj.weight"]
+    np.testing.assert_array_equal(q, hf["model.layers.1.self_attn.q_proj.weight"])  # still un-permuted
 
 
 # ---------------------------------------------------------------------------------------- errors

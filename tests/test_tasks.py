@@ -496,6 +496,8 @@ def test_registry_lookup_and_close_names(monkeypatch):
     import spt_jax.tasks as tasks_module
 
     monkeypatch.setattr(tasks_module, "_REGISTRY", dict(tasks_module._REGISTRY))  # leave no toy task behind
+    # list_tasks() registers benchmarks into the copy; reset the flag so later tests register them again.
+    monkeypatch.setattr(tasks_module, "_benchmarks_loaded", tasks_module._benchmarks_loaded)
     names = list_tasks()
     assert {"capitals_mc", "element_symbols", "arithmetic_gsm", "yes_no"} <= set(names)
     assert names == sorted(names)

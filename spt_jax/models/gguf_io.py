@@ -349,6 +349,8 @@ def _config_fields(header: GgufHeader) -> tuple[str, dict[str, Any]]:
     if arch == "llama":
         fields["attention_bias"] = "blk.0.attn_q.bias" in tensors
         fields["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    if model_type == "mistral":  # MistralConfig defaults to a 4096 window; llama.cpp uses none unless stated
+        fields["sliding_window"] = key("attention.sliding_window")
     if arch in ("gemma2", "gemma3"):
         n_layers = fields["num_hidden_layers"]
         head_dim = fields.get("head_dim", fields["hidden_size"] // fields["num_attention_heads"])

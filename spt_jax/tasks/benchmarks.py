@@ -559,7 +559,8 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, download_dir: 
         builder.download_and_prepare(download_dir=os.fspath(download_dir) if download_dir is not None else None,
                                      download_config=config, file_format="array_record")
     except OSError as e:  # network and file errors (requests' errors are OSErrors too)
-        raise DataError(f"preparing benchmark {name!r} (TFDS {spec.tfds_name!r}) into {data_dir} failed: {e}. "
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"preparing benchmark {name!r} (TFDS {spec.tfds_name!r}) into {data_dir} failed: {first}. "
                         "This step downloads the raw files once; on an offline machine, prepare on one "
                         f"with network access and copy {data_dir / spec.tfds_name.split('/')[0]} over") from e
     _read_split_shared.cache_clear()

@@ -37,6 +37,12 @@ answer (a letter A-D).
 """
 
 
+# The same, on one line, for error messages (the CLI prints an error as one line).
+LAYOUT_HINT = ("expected <manual_dir>/data/{dev,val,test}/<subject>_{dev,val,test}.csv (the data/ level optional; "
+               "columns question, A, B, C, D, answer; no header), as unpacked from "
+               "https://people.eecs.berkeley.edu/~hendrycks/data.tar")
+
+
 def mmlu_subject_title(subject: str) -> str:
     """'high_school_biology' -> 'high school biology' (how lm-eval names a subject in its prompt)."""
     return subject.replace("_", " ")
@@ -49,7 +55,7 @@ def find_mmlu_root(manual_dir: os.PathLike | str) -> epath.Path:
         if all((root / folder).is_dir() for folder in MMLU_SPLIT_FOLDERS.values()):
             return root
     raise DataError(f"MMLU CSVs not found in {manual_dir}: expected folders dev/, val/ and test/ in it "
-                    f"or in its data/ folder.\n{MANUAL_INSTRUCTIONS}")
+                    f"or in its data/ folder; {LAYOUT_HINT}")
 
 
 def mmlu_csv_files(root: epath.Path, split: str) -> dict[str, epath.Path]:
@@ -58,12 +64,12 @@ def mmlu_csv_files(root: epath.Path, split: str) -> dict[str, epath.Path]:
     suffix = f"_{folder}.csv"
     files = {p.name[: -len(suffix)]: p for p in (root / folder).iterdir() if p.name.endswith(suffix)}
     if not files:
-        raise DataError(f"MMLU folder {root / folder} has no '<subject>{suffix}' files.\n{MANUAL_INSTRUCTIONS}")
+        raise DataError(f"MMLU folder {root / folder} has no '<subject>{suffix}' files; {LAYOUT_HINT}")
     return dict(sorted(files.items()))
 
 
 def parse_mmlu_row(row: list[str], *, where: str) -> dict:
-    """One CSV row (question, A, B, C, D, answer) -> {'question', 'choices', 'answer'}; DataError if malformed."""
+    """One CSV row (question, A, B, C, D, answer) -> {'question', 'choices', 'answer'}; DataError if bad."""
     if len(row) != 6:
         raise DataError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
     question, *choices, answer = row
@@ -76,7 +82,7 @@ def parse_mmlu_row(row: list[str], *, where: str) -> dict:
 def read_mmlu_csv(path: epath.Path, subject: str):
     """(key, example) pairs of one subject CSV, keyed by subject and row so keys are unique."""
     # Questions may hold quoted commas and newlines; newline="" leaves those to the csv module.
-    rows = csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline=""))
+    rows = csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline=""))
     for i, row in enumerate(rows):
         if not row:
             continue

@@ -1,0 +1,376 @@
+"""Tests for spt_jax.tune on tiny random models: rows, data order, prompt files, the tuning loop.
+
+Every tuning run here shares one step configuration so the jitted step compiles once per batch
+shape for the whole module (the step cache is keyed on the settings that change the program).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_tune_support import arithmetic_examples, char_tokenizer, tiny_lm
+
+from spt_jax import tune
+from spt_jax.errors import ConfigError, DataError, SptError
+from spt_jax.tokens import encode
+from spt_jax.tune.checkpoint import TuneCheckpoints
+from spt_jax.tune.data import (
+    DataOrder,
+    ExampleEncoder,
+    Layout,
+    answer_width,
+    as_pairs,
+    bucket_for,
+    collate,
+    default_buckets,
+)
+from spt_jax.tune.mesh import spec_for
+
+P = 4
+CONFIG = tune.TuneConfig(
+    prompt_length=P,
+    batch_size=4,
+    steps=6,
+    learning_rate=0.05,
+    init="text",
+    init_text="calc",
+    checkpoint_every=2,
+)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm(tie_embeddings=False)  # untied: poisoning an input embedding leaves the head finite
+
+
+def host_params(lm):
+    return [np.array(x) for x in jax.tree.leaves(lm.params)]
+
+
+# ---------------------------------------------------------------- rows and buckets
+
+
+def test_collate_follows_the_token_layout(lm):
+    tok = lm.tokenizer
+    layout = Layout.for_model(lm, CONFIG)
+    pairs = [("12+3=", " 15"), ("1+1=", " 2")]
+    encoder = ExampleEncoder(tok, pairs, layout)
+    batch = collate([encoder(0), encoder(1)], layout)
+    T = batch["tokens"].shape[1]
+    assert T == 32 and batch["target_ids"].shape[1] == 8
+    for b, (inp, tgt) in enumerate(pairs):
+        text = encode(tok, inp) + encode(tok, tgt) + [tok.eos_token_id]
+        n = 1 + P + len(text)
+        start = T - n
+        assert not batch["valid"][b, :start].any() and batch["valid"][b, start:].all()  # left padding
+        assert batch["tokens"][b, start] == tok.bos_token_id  # BOS first ...
+        np.testing.assert_array_equal(batch["prompt_index"][b, start + 1 : start + 1 + P], np.arange(P))
+        assert (batch["prompt_index"][b, : start + 1] == -1).all()  # ... then the prompt, then text
+        assert (batch["prompt_index"][b, start + 1 + P :] == -1).all()
+        np.testing.assert_array_equal(batch["tokens"][b, start + 1 + P :], text)
+        n_tgt = len(encode(tok, tgt)) + 1
+        mask = batch["target_mask"][b]
+        assert mask[:n_tgt].all() and not mask[n_tgt:].any()
+        targets = batch["target_ids"][b, :n_tgt]
+        np.testing.assert_array_equal(targets, text[-n_tgt:])
+        # each target token is predicted by the slot right before it
+        np.testing.assert_array_equal(batch["tokens"][b, batch["target_index"][b, :n_tgt] + 1], targets)
+
+
+def test_collate_without_bos_puts_the_prompt_first():
+    lm = tiny_lm(bos=False)
+    layout = Layout.for_model(lm, CONFIG)
+    assert layout.bos == ()
+    batch = collate([ExampleEncoder(lm.tokenizer, [("ab", "c")], layout)(0)], layout)
+    start = int(np.argmax(batch["valid"][0]))
+    np.testing.assert_array_equal(batch["prompt_index"][0, start : start + P], np.arange(P))
+
+
+def test_over_long_input_loses_its_left_end_with_one_warning(lm):
+    config = CONFIG.replace(max_length=32, length_buckets=(16, 32))
+    layout = Layout.for_model(lm, config)
+    long_input = "".join(str(i % 10) for i in range(60))
+    pairs = [(long_input, " 7"), ("x" + long_input, " 8"), ("1+1=", " 2")]
+    encoder = ExampleEncoder(lm.tokenizer, pairs, layout)
+    with pytest.warns(UserWarning, match=r"example 0: input of 60 tokens cut from the left"):
+        first = encoder(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second cut is counted, not warned again
+        encoder(1)
+        encoder(2)
+    assert encoder.n_truncated == 2
+    room = 32 - 1 - P - 3  # BOS, prompt, " 7" + EOS
+    assert first.input_ids == tuple(encode(lm.tokenizer, long_input[-room:])) and first.truncated == 60 - room
+    assert first.target_ids == (*encode(lm.tokenizer, " 7"), lm.tokenizer.eos_token_id)
+    assert layout.row_length(first) == 32
+    batch = collate([first, encoder(2)], layout)
+    assert batch["tokens"].shape == (2, 32)
+
+    with pytest.raises(DataError, match="example 0: the target alone takes"):
+        ExampleEncoder(lm.tokenizer, [("a", "y" * 40)], layout)(0)
+
+
+def test_buckets_and_answer_widths():
+    assert default_buckets(512) == (32, 48, 64, 96, 128, 192, 256, 384, 512)
+    assert default_buckets(100) == (32, 48, 64, 96, 100)
+    assert bucket_for(33, (32, 48, 64)) == 48 and bucket_for(32, (32, 48)) == 32
+    with pytest.raises(ConfigError):
+        bucket_for(65, (32, 64))
+    assert [answer_width(n) for n in (1, 8, 9, 17)] == [8, 8, 16, 32]
+
+
+def test_data_order_is_seeded_reshuffled_and_resumable():
+    order = DataOrder(10, seed=3)
+    stream = order.take(25)
+    for epoch in range(2):
+        assert sorted(stream[epoch * 10 : (epoch + 1) * 10]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # a new order every epoch
+    assert DataOrder(10, seed=4).take(10) != stream[:10]
+    resumed = DataOrder(10, seed=3)
+    head = resumed.take(12)
+    state = json.loads(json.dumps(resumed.state()))  # survives the JSON checkpoint
+    assert state == {"seed": 3, "next_index": 12, "epoch": 1, "n_examples": 10}
+    assert head + DataOrder.from_state(state, 10).take(13) == stream
+    with pytest.raises(ConfigError, match="covers 10 examples but 11"):
+        DataOrder.from_state(state, 11)
+
+
+def test_examples_are_validated():
+    class Ex:
+        def __init__(self, input, target):
+            self.input, self.target = input, target
+
+    assert as_pairs([("a", "b"), Ex("c", "d")]) == [("a", "b"), ("c", "d")]
+    with pytest.raises(DataError, match="no tuning examples"):
+        as_pairs([])
+    with pytest.raises(DataError, match="example 1: expected an"):
+        as_pairs([("a", "b"), "c"])
+    with pytest.raises(DataError, match="example 0: empty target"):
+        as_pairs([("a", "")])
+
+
+def test_config_validation_and_json_round_trip():
+    config = CONFIG.replace(length_buckets=(64, 32))
+    assert config.length_buckets == (32, 64)
+    assert tune.TuneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="init='text' needs init_text"):
+        tune.TuneConfig(init="text")
+    with pytest.raises(ConfigError, match="optimizer='adamm'"):
+        tune.TuneConfig(optimizer="adamm")
+    with pytest.raises(ConfigError, match="unknown TuneConfig field"):
+        tune.TuneConfig.from_dict({"prompt_lenght": 3})
+    with pytest.raises(ConfigError, match="length_buckets has 600 > max_length"):
+        tune.TuneConfig(length_buckets=(600,))
+
+
+def test_sharding_rules_split_by_name_and_fall_back_to_replicated():
+    from jax.sharding import PartitionSpec as Spec
+
+    assert spec_for("layers.attn.q_proj", (2, 32, 4, 8), 2) == Spec(None, None, "model", None)
+    assert spec_for("layers.attn.k_proj", (2, 32, 3, 8), 2) == Spec()  # 3 kv heads: replicated
+    assert spec_for("layers.attn.o_proj", (2, 4, 8, 32), 2) == Spec(None, "model", None, None)
+    assert spec_for("layers.mlp.up_proj", (2, 32, 64), 4) == Spec(None, None, "model")
+    assert spec_for("layers.mlp.down_proj", (2, 64, 32), 4) == Spec(None, "model", None)
+    assert spec_for("embed_tokens", (104, 32), 8) == Spec("model", None)  # vocab
+    assert spec_for("embed_tokens", (105, 32), 8) == Spec(None, "model")  # else d_model
+    assert spec_for("layers.attn_norm.scale", (2, 32), 2) == Spec()
+    assert spec_for("layers.attn.q_proj", (2, 32, 4, 8), 1) == Spec()
+
+
+# ---------------------------------------------------------------- prompts and files
+
+
+def test_initializers(lm):
+    table = np.asarray(lm.params["embed_tokens"][...])
+    vocab = np.asarray(tune.init_prompt(lm, "vocab", length=6, seed=1))
+    assert vocab.shape == (6, 32) and vocab.dtype == np.float32
+    rows = [int(np.argmin(np.abs(table - v).sum(1))) for v in vocab]
+    np.testing.assert_array_equal(vocab, table[rows])  # each vector is a real token's embedding
+    assert len(set(rows)) == 6 and not set(rows) & set(lm.tokenizer.all_special_ids)
+    np.testing.assert_array_equal(vocab, tune.init_prompt(lm, "vocab", length=6, seed=1))
+    assert not np.array_equal(vocab, tune.init_prompt(lm, "vocab", length=6, seed=2))
+
+    text = np.asarray(tune.init_prompt(lm, CONFIG.replace(prompt_length=6)))
+    ids = encode(lm.tokenizer, "calc")
+    np.testing.assert_array_equal(text, table[(ids * 2)[:6]])
+
+    noise = np.asarray(tune.init_prompt(lm, "random", length=200))
+    assert noise.shape == (200, 32) and abs(noise.std() - table[4:].std()) < 0.1 * table.std()
+    with pytest.raises(ConfigError, match="unknown prompt init"):
+        tune.init_prompt(lm, "zeros")
+
+
+def test_prompt_file_round_trip_and_mismatch_errors(lm, tmp_path):
+    prompt = np.arange(4 * 32, dtype=np.float32).reshape(4, 32)
+    path = tune.save_prompt(tmp_path / "p.safetensors", prompt, {**tune.model_metadata(lm), "note": "x"})
+    loaded, meta = tune.load_prompt(path, lm)
+    np.testing.assert_array_equal(loaded, prompt)
+    assert loaded.dtype == jnp.float32 and meta["model"] == "tiny" and meta["note"] == "x"
+
+    other = tiny_lm(name="other")
+    with pytest.raises(ConfigError, match="tuned on model 'tiny', not 'other'"):
+        tune.load_prompt(path, other)
+    assert tune.load_prompt(path, other, check_model=False)[0].shape == (4, 32)
+    wide = tiny_lm(name="tiny", d_model=48, n_heads=6, n_kv_heads=2)
+    with pytest.raises(ConfigError, match="d_model=32 .* d_model=48"):
+        tune.load_prompt(path, wide, check_model=False)
+    with pytest.raises(ConfigError, match="no such prompt file"):
+        tune.load_prompt(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SptError, match="junk.safetensors"):
+        tune.load_prompt(tmp_path / "junk.safetensors")
+
+
+# ---------------------------------------------------------------- the tuning loop
+
+
+def mixed_length_examples():
+    short = arithmetic_examples(24)
+    long = [(f"Please add {a} and {b} now: {a}+{b}=", t) for (a, b), t in zip([(1, 2), (3, 4), (5, 6)], [" 3", " 7", " 11"])]
+    return short + long
+
+
+def test_tune_trains_only_the_prompt_and_compiles_once_per_bucket(lm, tmp_path):
+    before = host_params(lm)
+    calls = []
+
+    def on_eval(step, prompt):
+        calls.append(step)
+        assert prompt.shape == (P, 32) and prompt.dtype == jnp.float32
+        return {"prompt_norm": float(jnp.linalg.norm(prompt))}
+
+    config = CONFIG.replace(steps=12, eval_every=5, checkpoint_every=5)
+    result = tune.tune(lm, mixed_length_examples(), config, checkpoint_dir=tmp_path, on_eval=on_eval, progress=False)
+
+    assert calls == [0, 5, 10, 12]
+    assert [h["step"] for h in result.history] == list(range(13))
+    assert all("prompt_norm" in h for h in result.history if h["step"] in calls)
+    assert "prompt_norm" not in result.history[3]
+    losses = [h["loss"] for h in result.history[1:]]
+    assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < np.mean(losses[:4])
+
+    initial = tune.init_prompt(lm, config)
+    assert result.prompt.shape == (P, 32) and result.prompt.dtype == jnp.float32
+    assert not np.allclose(result.prompt, initial)
+    for a, b in zip(before, host_params(lm)):  # frozen weights: bit-identical
+        np.testing.assert_array_equal(a, b)
+
+    meta = result.metadata
+    shapes = meta["batch_shapes_used"]
+    assert len(shapes) >= 2 and meta["length_buckets_used"] == sorted({t for t, _ in shapes})
+    assert 1 <= meta["compilations"] <= len(shapes)
+    assert sum(h["compiled"] for h in result.history[1:]) == meta["compilations"]
+    assert meta["model"] == "tiny" and meta["placement"] == "after_bos" and meta["truncated_inputs"] == 0
+    assert meta["data_state"]["next_index"] == 12 * config.batch_size
+
+    steps = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
+    assert steps == [5, 10, 12]
+    size = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+    assert size < 100_000  # prompt + optimizer state only, never the frozen weights
+    saved = json.loads((tmp_path / "12" / "meta" / "metadata").read_text())
+    assert saved["step"] == 12 and saved["config"] == config.to_dict()
+    assert saved["data_state"] == meta["data_state"]
+
+    file = result.save(tmp_path / "prompt.safetensors")
+    np.testing.assert_array_equal(tune.load_prompt(file, lm)[0], result.prompt)
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def on_eval(s, prompt):
+        if s == step:
+            raise Crash(f"simulated crash at step {s}")
+        return {}
+
+    return on_eval
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(lm, tmp_path):
+    examples = arithmetic_examples(20)
+    config = CONFIG.replace(eval_every=1)
+    reference = tune.tune(lm, examples, config, progress=False)
+
+    with pytest.raises(Crash):  # dies after step 5, before saving it
+        tune.tune(lm, examples, config, checkpoint_dir=tmp_path, on_eval=_crash_at(5), progress=False)
+    assert TuneCheckpoints(tmp_path).steps() == [2, 4]
+
+    resumed = tune.tune(lm, examples, config, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.metadata["resumed_from_step"] == 4
+    np.testing.assert_allclose(resumed.prompt, reference.prompt, rtol=0, atol=1e-6)
+    assert [h["step"] for h in resumed.history] == list(range(0, 7))  # step 0: the crashed run's eval
+    np.testing.assert_allclose(
+        [h["loss"] for h in resumed.history[1:]], [h["loss"] for h in reference.history], rtol=1e-6
+    )
+
+    with pytest.raises(ConfigError, match=r"different settings \(learning_rate\)"):
+        tune.tune(lm, examples, config.replace(learning_rate=0.5), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="covers 20 examples but 21"):
+        tune.tune(lm, examples + [("1+1=", " 2")], config, checkpoint_dir=tmp_path, progress=False)
+
+    # A damaged newest checkpoint: warn, fall back to the previous one, and finish from there.
+    for f in (tmp_path / "6" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0garbage")
+    longer = config.replace(steps=8)
+    with pytest.warns(UserWarning, match="checkpoint step 6 is unreadable"):
+        again = tune.tune(lm, examples, longer, checkpoint_dir=tmp_path, progress=False)
+    assert again.metadata["resumed_from_step"] == 4
+    assert [h["step"] for h in again.history] == list(range(0, 9))
+    np.testing.assert_allclose(
+        [h["loss"] for h in again.history[1:7]], [h["loss"] for h in reference.history], rtol=1e-6
+    )
+
+
+def test_non_finite_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(lm, tmp_path):
+    bad_id = encode(lm.tokenizer, "!")[0]
+    table = lm.params["embed_tokens"][...]
+    params = jax.tree.map(lambda x: x, lm.params)
+    params["embed_tokens"] = params["embed_tokens"].replace(table.at[bad_id].set(jnp.nan))
+    poisoned = type(lm)(lm.name, lm.config, lm.graphdef, params, lm.tokenizer)
+
+    examples = arithmetic_examples(19) + [("1+1=!", " 2")]
+    order = DataOrder(len(examples), CONFIG.seed)
+    bad_step = next(s for s in range(1, 20) if 19 in order.take(CONFIG.batch_size))
+    assert bad_step >= 2
+
+    config = CONFIG.replace(steps=20, checkpoint_every=1)
+    with pytest.raises(tune.NonFiniteLossError, match=f"at step {bad_step}") as err:
+        tune.tune(poisoned, examples, config, checkpoint_dir=tmp_path, progress=False)
+    assert isinstance(err.value, SptError) and err.value.step == bad_step
+    assert f"last good checkpoint is step {bad_step - 1}" in str(err.value)
+    assert TuneCheckpoints(tmp_path).steps()[-1] == bad_step - 1
+    good = np.asarray(err.value.last_good_prompt)
+    assert np.isfinite(good).all()
+    _, state, _ = TuneCheckpoints(tmp_path).restore_latest(
+        {
+            "prompt": jax.ShapeDtypeStruct((P, 32), jnp.float32),
+            "opt_state": jax.eval_shape(tune.make_optimizer(config).init, jnp.zeros((P, 32))),
+        }
+    )
+    np.testing.assert_array_equal(state["prompt"], good)
+
+
+def test_tune_rejects_bad_arguments(lm):
+    with pytest.raises(ConfigError, match="must be a spt_jax.tune.TuneConfig"):
+        tune.tune(lm, arithmetic_examples(4), {"steps": 3})
+    with pytest.raises(DataError, match="no tuning examples"):
+        tune.tune(lm, [], CONFIG)
+
+
+def test_public_api_is_reachable_from_the_package():
+    import spt_jax
+
+    assert spt_jax.tune.tune is tune.tune and spt_jax.tune.TuneConfig is tune.TuneConfig
+    for name in ("init_prompt", "make_train_step", "make_mesh", "param_shardings", "save_prompt",
+                 "load_prompt", "export_peft", "import_peft", "TuneResult"):
+        assert callable(getattr(tune, name))
+    assert Path(tune.__file__).parent.name == "tune"
