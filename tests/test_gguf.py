@@ -8,6 +8,7 @@ transformers' own GGUF loader.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import mmap
 import os
@@ -615,7 +616,7 @@ def test_corrupt_cache_file_is_reassembled(tmp_path, monkeypatch):
         Path(output_path).write_bytes(b"assembled")
 
     monkeypatch.setattr(assembler, "assemble", fake_assemble)
-    monkeypatch.setattr(assembler, "EXPECTED_SHA256", embedded.hashlib.sha256(b"assembled").hexdigest())
+    monkeypatch.setattr(assembler, "EXPECTED_SHA256", hashlib.sha256(b"assembled").hexdigest())
     assert embedded.embedded_gguf_path("gemma3-270m") == target
     assert len(calls) == 1 and target.read_bytes() == b"assembled" and not abandoned.exists()
     assert embedded.embedded_gguf_path("gemma3-270m") == target and len(calls) == 1

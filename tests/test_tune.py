@@ -301,7 +301,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(lm, tmp_path):
 
     with pytest.raises(Crash):  # dies after step 5, before saving it
         tune.tune(lm, examples, config, checkpoint_dir=tmp_path, on_eval=_crash_at(5), progress=False)
-    assert TuneCheckpoints(tmp_path).steps() == [2, 4]
+    with TuneCheckpoints(tmp_path) as checkpoints:
+        assert checkpoints.steps() == [2, 4]
 
     resumed = tune.tune(lm, examples, config, checkpoint_dir=tmp_path, progress=False)
     assert resumed.metadata["resumed_from_step"] == 4
@@ -337,25 +338,26 @@ def test_non_finite_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(lm
     params["embed_tokens"] = params["embed_tokens"].replace(table.at[bad_id].set(jnp.nan))
     poisoned = type(lm)(lm.name, lm.config, lm.graphdef, params, lm.tokenizer)
 
-    examples = arithmetic_examples(19) + [("1+1=!", " 2")]
-    order = DataOrder(len(examples), CONFIG.seed)
-    bad_step = next(s for s in range(1, 20) if 19 in order.take(CONFIG.batch_size))
-    assert bad_step >= 2
+    examples = arithmetic_examples(20)
+    bad_step = 3  # poison the first example the data order draws at step 3 (epoch 0: all new)
+    bad_index = DataOrder(len(examples), CONFIG.seed).take(3 * CONFIG.batch_size)[-1]
+    examples[bad_index] = (examples[bad_index][0] + "!", examples[bad_index][1])
 
     config = CONFIG.replace(steps=20, checkpoint_every=1)
     with pytest.raises(tune.NonFiniteLossError, match=f"at step {bad_step}") as err:
         tune.tune(poisoned, examples, config, checkpoint_dir=tmp_path, progress=False)
     assert isinstance(err.value, SptError) and err.value.step == bad_step
     assert f"last good checkpoint is step {bad_step - 1}" in str(err.value)
-    assert TuneCheckpoints(tmp_path).steps()[-1] == bad_step - 1
     good = np.asarray(err.value.last_good_prompt)
-    assert np.isfinite(good).all()
-    _, state, _ = TuneCheckpoints(tmp_path).restore_latest(
-        {
-            "prompt": jax.ShapeDtypeStruct((P, 32), jnp.float32),
-            "opt_state": jax.eval_shape(tune.make_optimizer(config).init, jnp.zeros((P, 32))),
-        }
-    )
+    assert np.isfinite(good).all() and [h["step"] for h in err.value.history] == [1, 2]
+    with TuneCheckpoints(tmp_path) as checkpoints:
+        assert checkpoints.steps()[-1] == bad_step - 1
+        _, state, _ = checkpoints.restore_latest(
+            {
+                "prompt": jax.ShapeDtypeStruct((P, 32), jnp.float32),
+                "opt_state": jax.eval_shape(tune.make_optimizer(config).init, jnp.zeros((P, 32))),
+            }
+        )
     np.testing.assert_array_equal(state["prompt"], good)
 
 

@@ -78,3 +78,9 @@ class TuneCheckpoints:
         """Wait for pending writes and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def __enter__(self) -> TuneCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
