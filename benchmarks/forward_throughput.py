@@ -71,6 +71,24 @@ def _time(fn, iters: int):
     return times, result
 
 
+class _OtherProcessesCpu:
+    """How many cores everything but our own children kept busy, from /proc/stat, since creation."""
+
+    def __init__(self):
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.perf_counter(), busy, children.ru_utime + children.ru_stime
+
+    def cores(self) -> float:
+        (t0, busy0, ours0), (t1, busy1, ours1) = self.start, self._snapshot()
+        return max((busy1 - busy0) - (ours1 - ours0), 0.0) / (t1 - t0)
+
+
 # --- the model both sides run ---------------------------------------------------------------------
 
 
@@ -258,7 +276,11 @@ def main(argv=None) -> None:
         print(f"loaded {lm.name} ({lm.n_params / 1e6:.1f}M params) in {time.perf_counter() - start:.1f}s")
         _write_torch_checkpoint(lm, args.workdir / "torch_checkpoint")
         del lm
-        results = {side: _side(args, side) for side in ("jax", "torch")}
+        results = {}
+        for side in ("jax", "torch"):
+            others = _OtherProcessesCpu()
+            results[side] = _side(args, side)
+            results[side]["others_cores"] = others.cores()
         _, mask = _batch(1, args.batch, args.seq)
         diff = np.abs(np.load(args.workdir / "jax_logits.npy") - np.load(args.workdir / "torch_logits.npy"))
         diff = diff[mask[:, _CHECKED]]  # padding positions differ by design: compare real tokens
@@ -267,6 +289,9 @@ def main(argv=None) -> None:
     rate = {s: tokens / statistics.median(r["times"]) for s, r in results.items()}
     jax_r, torch_r = results["jax"], results["torch"]
     print(f"batch {args.batch} x {args.seq} tokens, float32, full logits, {args.threads} thread(s) each")
+    others = max(r["others_cores"] for r in results.values())
+    print(f"  other processes used up to {others:.2f} cores meanwhile", end="")
+    print(" (timings are unreliable: torch's OpenMP suffers most from sharing cores)" if others > 0.2 else "")
     print(
         f"  jax   ({jax_r['backend']}, {jax_r['threads']} cores): compile {jax_r['compile_s']:.1f}s, "
         f"median {statistics.median(jax_r['times']) * 1e3:.0f} ms, {rate['jax']:.0f} tok/s, "

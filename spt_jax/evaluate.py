@@ -324,7 +324,7 @@ def tune_soft_prompt(lm, task, config: EvalConfig, *, out_dir: Path | None = Non
             return {"format_validity": float(np.mean([r["valid"] for r in rows])),
                     "accuracy": float(np.mean([r["correct"] for r in rows])), "eval_n": len(rows)}
 
-        tune_config = _with_eval_every(tune_config, config.eval_every)
+        tune_config = dataclasses.replace(tune_config, eval_every=config.eval_every)
     result = tune(lm, examples, tune_config, mesh=mesh, checkpoint_dir=checkpoint_dir, on_eval=on_eval,
                   progress=progress)
     # From the history (not a local list) so a run resumed from a checkpoint keeps its early points.
@@ -332,12 +332,6 @@ def tune_soft_prompt(lm, task, config: EvalConfig, *, out_dir: Path | None = Non
               "format_validity": float(h["format_validity"]), "accuracy": float(h["accuracy"])}
              for h in (result.history or []) if isinstance(h, Mapping) and "eval_n" in h]
     return result, curve
-
-
-def _with_eval_every(tune_config, eval_every: int):
-    if any(f.name == "eval_every" for f in dataclasses.fields(tune_config)):
-        return dataclasses.replace(tune_config, eval_every=eval_every)
-    return tune_config
 
 
 def tune_outputs(lm, task, config: EvalConfig, out_dir, *, overwrite: bool = False, checkpoint_dir=None,
@@ -396,24 +390,11 @@ def _loglik_reference(lm, task, items, config: EvalConfig, progress: bool) -> _M
         contexts.append(task.zero_shot_prompt(record))
         continuations.append(targets)
         golds.append(gold_index)
-    chosen = _call_choice_predictions(choice_predictions, lm, list(zip(contexts, continuations)),
-                                      config.batch_size, progress)
-    outputs = [continuations[i][int(c)] for i, c in enumerate(chosen)]
-    return _ModeRun(inputs=contexts, outputs=outputs,
-                    extra={"chosen": [int(c) for c in chosen], "gold_index": golds})
-
-
-def _call_choice_predictions(choice_predictions, lm, context_and_choices, batch_size, progress):
-    import inspect
-
-    parameters = inspect.signature(choice_predictions).parameters
-    kwargs = {}
-    if "batch_size" in parameters:
-        kwargs["batch_size"] = batch_size
-    if "progress" in parameters:
-        kwargs["progress"] = progress
-    result = choice_predictions(lm, context_and_choices, **kwargs)
-    return [int(c) for c in np.asarray(result).reshape(-1)]
+    chosen = choice_predictions(lm, list(zip(contexts, continuations)), batch_size=config.batch_size,
+                                progress=progress)
+    chosen = [int(c) for c in np.asarray(chosen).reshape(-1)]
+    outputs = [continuations[i][c] for i, c in enumerate(chosen)]
+    return _ModeRun(inputs=contexts, outputs=outputs, extra={"chosen": chosen, "gold_index": golds})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,17 +40,17 @@ from spt_jax.models.transformer import KVCache, positions_from_mask
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _NEW_TOKEN_ROUNDING = 16  # max_new_tokens is rounded up to this for shapes, so 10 and 16 share a compile
 
-_TRACES: collections.Counter = collections.Counter()
+TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def compile_counts() -> dict[str, int]:
     """How many times each jitted function of generation and scoring was traced (= compiled)."""
-    return dict(_TRACES)
+    return dict(TRACE_COUNTS)
 
 
 def compile_count() -> int:
     """Total compilations of generation and scoring functions in this process."""
-    return sum(_TRACES.values())
+    return sum(TRACE_COUNTS.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +180,8 @@ def _check_soft_prompt(soft_prompt, d_model: int):
     return soft
 
 
-def _resolve_prefix(lm, soft_prompt, prefix_text, prefix, length_buckets) -> PrefixCache:
+def resolve_prefix(lm, soft_prompt, prefix_text, prefix, length_buckets) -> PrefixCache:
+    """The caller's ready prefix cache, or one computed from ``soft_prompt`` and ``prefix_text``."""
     if prefix is None:
         return prefix_cache(lm, soft_prompt, prefix_text, length_buckets=length_buckets)
     if soft_prompt is not None or prefix_text:
@@ -192,7 +193,7 @@ def _resolve_prefix(lm, soft_prompt, prefix_text, prefix, length_buckets) -> Pre
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_bos"))
 def _run_prefix(graphdef, params, ids, soft, length, *, n_bos: int) -> PrefixKV:
-    _TRACES["prefix"] += 1
+    TRACE_COUNTS["prefix"] += 1
     model = nnx.merge(graphdef, params)
     bucket = ids.shape[1]
     embeds = model.embed(ids)  # [1, Pb, D]
@@ -265,7 +266,7 @@ def generate(
     calls). Outputs skip special tokens, stop before EOS and are cut at the first stop sequence.
     Inputs longer than the largest bucket or the model's context are cut from the left, with a warning.
     """
-    prefix = _resolve_prefix(lm, soft_prompt, prefix_text, prefix, config.length_buckets)
+    prefix = resolve_prefix(lm, soft_prompt, prefix_text, prefix, config.length_buckets)
     if not len(texts):
         return []
     max_input = _max_input_length(lm, prefix, config.max_new_tokens, config.length_buckets)
@@ -287,7 +288,7 @@ def generate(
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))  # similar lengths share a bucket
     outputs: list[str] = [""] * len(texts)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    for batch in _progress(batches, progress, "generate"):
+    for batch in progress_bar(batches, progress, "generate"):
         seqs = [encoded[i] for i in batch]
         seqs += [[]] * (config.batch_size - len(seqs))  # dummy rows keep the batch shape static
         ids, valid = left_pad(seqs, bucket_length(max(map(len, seqs)), config.length_buckets), pad_id)
@@ -312,12 +313,12 @@ def _generate_batch(graphdef, params, prefix: PrefixKV, ids, valid, active, is_e
 
     Returns the generated ids ``[B, new_slots]`` and, per row, how many to keep (EOS excluded).
     """
-    _TRACES["generate"] += 1
+    TRACE_COUNTS["generate"] += 1
     model = nnx.merge(graphdef, params)
     B, T = ids.shape
     cache = batch_cache(model.config, prefix, B, T + new_slots, model.dtype)
     n_input = valid.sum(axis=1).astype(jnp.int32)  # [B]
-    hidden, cache = model(model.embed(ids), positions_from_mask(valid, prefix.length), valid, cache)
+    hidden, cache = model(model.embed(ids), positions_from_mask(valid, prefix.length + 1), valid, cache)
     last = jnp.where(valid[:, -1:], hidden[:, -1], prefix.last_hidden[None])  # [B, D]
     first = jnp.argmax(model.logits(last), axis=-1).astype(jnp.int32)  # [B]
 
@@ -371,7 +372,7 @@ def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def _progress(items, enabled: bool, desc: str):
+def progress_bar(items, enabled: bool, desc: str):
     if not enabled:
         return items
     from tqdm.auto import tqdm

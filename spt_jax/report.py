@@ -156,6 +156,8 @@ def compare_markdown(summary: Mapping) -> str:
                                   fmt_estimate(c.get("spearman")), c.get("note", "")])
             parts += ["\nRank correlations over models (bootstrap 95% intervals):\n\n",
                       _table(["x", "y", "n models", "Kendall tau-b", "Spearman", "note"], corr_rows)]
+        else:
+            parts.append("\nNo rank correlations: the config evaluates a single mode.\n")
     return "".join(parts)
 
 

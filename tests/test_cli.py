@@ -136,7 +136,7 @@ def test_compare_command(tmp_path, fake_load, capsys):
     config.write_text(yaml.safe_dump({
         "tasks": [str(task)],
         "models": ["a", {"name": "b", "base": "a"}],
-        "eval": {"modes": ["zero_shot"], "n_test": 3, "loglik": False},
+        "eval": {"modes": ["zero_shot", "few_shot"], "k": 1, "n_test": 3, "loglik": False},
     }))
     assert cli.main(["compare", str(config), "--out", str(tmp_path / "c"), "--quiet"]) == 0
     out = capsys.readouterr().out

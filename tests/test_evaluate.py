@@ -160,7 +160,7 @@ def test_results_json_schema(full_run):
             assert set(row[metric]) == {"value", "low", "high"}
         assert row["wall_time_s"] > 0 and row["seed"] == 0
     by_mode = {row["mode"]: row for row in loaded["results"]}
-    assert by_mode["few_shot"]["k"] == 2 and by_mode["few_shot"]["prefix_text"].count("A: ") == 2
+    assert by_mode["few_shot"]["k"] == 2 and by_mode["few_shot"]["prefix_text"].count("Q: ") == 2
     assert by_mode["soft_prompt"]["tuning_steps"] == 3
     assert by_mode["loglik"]["reference"] is True
     tuning = loaded["tuning"]
@@ -461,3 +461,18 @@ def test_jsonable_results_have_no_nan(full_run):
     for line in (out / ev.PREDICTIONS_FILE).read_text().splitlines():
         json.loads(line)
     assert np.isfinite(json.loads(text)["wall_time_s"])
+
+
+def test_shipped_experiment_config_and_notebook_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    config = ev.load_compare_config(root / "experiments" / "compare_embedded.yaml")
+    assert [m.name for m in config.models] == ["gemma3-270m", "smollm2-135m-instruct"]
+    assert config.eval.tune.steps == 80 and config.eval.k == 5
+    notebook = json.loads((root / "notebooks" / "quickstart.ipynb").read_text())
+    assert notebook["nbformat"] == 4
+    code = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert any("evaluate.evaluate(" in source for source in code)
+    for source in code:
+        compile(source, "quickstart.ipynb", "exec")  # valid Python; not executed here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -51,12 +52,20 @@ def tiny_lm(*, with_bos: bool = True, eos_token_ids: tuple[int, ...] = (), seed:
     return LM(name="tiny", config=config, graphdef=graphdef, params=params, tokenizer=tokenizer)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logits(graphdef, params, embeds, n):
+    """Logits after the first ``n`` of ``embeds [1, N, D]``; the rest is right padding (masked)."""
+    model = nnx.merge(graphdef, params)
+    slots = jnp.arange(embeds.shape[1])[None]
+    hidden, _ = model(embeds, slots, slots < n)
+    return model.logits(hidden[0, n - 1])
+
+
 def naive_generate(lm, text, *, soft_prompt=None, prefix_text="", max_new_tokens=16, stops=("\n",)):
     """Reference: the whole unpadded sequence re-run for every new token, no cache, argmax."""
     from spt_jax.tokens import bos_ids, encode, eos_ids
 
-    model = lm.model
-    tokenizer = lm.tokenizer
+    model, tokenizer = lm.model, lm.tokenizer
     head = jnp.asarray(bos_ids(tokenizer), jnp.int32)
     tail = encode(tokenizer, prefix_text) + encode(tokenizer, text)
     soft = jnp.zeros((0, lm.config.d_model)) if soft_prompt is None else jnp.asarray(soft_prompt)
@@ -64,10 +73,10 @@ def naive_generate(lm, text, *, soft_prompt=None, prefix_text="", max_new_tokens
     generated = []
     for _ in range(max_new_tokens):
         ids = jnp.asarray(tail + generated, jnp.int32)
-        embeds = jnp.concatenate([model.embed(head), soft, model.embed(ids)])[None]
-        n = embeds.shape[1]
-        hidden, _ = model(embeds, jnp.arange(n)[None], jnp.ones((1, n), bool))
-        token = int(jnp.argmax(model.logits(hidden[0, -1])))
+        embeds = jnp.concatenate([model.embed(head), soft, model.embed(ids)])
+        n = embeds.shape[0]
+        padded = jnp.zeros((128, embeds.shape[1]), embeds.dtype).at[:n].set(embeds)[None]
+        token = int(jnp.argmax(_last_logits(lm.graphdef, lm.params, padded, n)))
         if token in eos_ids(lm):
             break
         generated.append(token)

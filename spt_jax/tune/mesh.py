@@ -104,6 +104,8 @@ def place_params(params, mesh: Mesh):
     def place(x, s):
         if getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(s, x.ndim):
             return x
+        if jax.process_count() > 1 and getattr(x, "is_fully_addressable", True):
+            x = np.asarray(x)  # host-local values (equal on every host) become one global array
         return jax.device_put(x, s)
 
     return jax.tree.map(place, params, shardings)

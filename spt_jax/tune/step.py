@@ -144,7 +144,7 @@ def _build_train_step(lm, config: TuneConfig, mesh: Mesh | None) -> TrainStep:
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_prompt = keep(new_prompt, prompt)
         new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grad), "n_targets": count, "finite": finite}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grad), "n_targets": count, "finite": finite}
         return new_prompt, new_opt_state, metrics
 
     if mesh is None:

@@ -1,0 +1,194 @@
+"""Prompt-tuning step time: spt_jax vs Hugging Face PEFT (PyTorch), and vs the float32 compute bound.
+
+Setup (the protocol's): SmolLM2-135M in float32, batch 8, P=10 soft-prompt vectors + 64 input
+tokens, answers of 1..8 tokens (EOS included). Both sides use the same weights (a random
+SmolLM2-135M-shaped Llama saved once with ``save_pretrained`` and loaded by both; step time does not
+depend on weight values), the same token ids and the same thread count. PEFT pads a batch to its
+longest row and projects every position onto the vocabulary; spt_jax pads to a length bucket and
+projects only the target positions.
+
+Compute bound: the FLOPs one step must do (forward, plus backward to the inputs only: the weights
+are frozen) divided by the float32 rate XLA reaches on this model's own matmul shapes, jitted.
+
+Targets: spt_jax step <= 0.7x PEFT's; <= 2x the compute bound. Run: ``python benchmarks/tune_step.py``
+(``--steps N`` timed steps, default 10; ``--threads N`` for PyTorch, default: the core count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+B, P, INPUT_LEN, MAX_ANSWER = 8, 10, 64, 8
+SMOLLM2_135M = dict(  # HuggingFaceTB/SmolLM2-135M-Instruct config.json
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+
+
+def make_checkpoint(directory: Path) -> None:
+    """A random SmolLM2-135M-shaped checkpoint with a tiny tokenizer (the benchmark feeds ids)."""
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_tune_support import char_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M))
+    model.save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+
+
+def make_rows(seed: int = 0):
+    """B rows of token ids: 64 input ids, 1..8 answer ids (the last is EOS)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        answer = rng.integers(3, 49152, rng.integers(1, MAX_ANSWER)).tolist() + [2]
+        rows.append((rng.integers(3, 49152, INPUT_LEN).tolist(), answer))
+    return rows
+
+
+def time_calls(fn, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_spt_jax(directory: Path, rows, steps: int):
+    import jax
+
+    from spt_jax import models, tune
+    from spt_jax.tune.data import Encoded, Layout, collate, default_buckets
+
+    lm = models.load(directory)
+    config = tune.TuneConfig(prompt_length=P, batch_size=B)
+    layout = Layout(bos=(1,), eos=(), pad_id=2, prompt_length=P, max_length=512, buckets=default_buckets(512))
+    batch = collate([Encoded((*inp,), (*ans,), 0) for inp, ans in rows], layout)
+    mesh = tune.make_mesh(1, 1, devices=jax.devices()[:1])
+    step = tune.make_train_step(lm, config, mesh)
+    state = {"prompt": tune.init_prompt(lm, config)}
+    state["opt"] = step.init(state["prompt"])
+
+    def one_step():
+        state["prompt"], state["opt"], metrics = step(state["prompt"], state["opt"], lm.params, batch)
+        jax.block_until_ready(metrics["loss"])
+
+    t0 = time.perf_counter()
+    one_step()
+    compile_s = time.perf_counter() - t0
+    times = time_calls(one_step, steps)
+    return lm, batch, times, compile_s, step.compilations
+
+
+def bench_peft(directory: Path, rows, steps: int, threads: int):
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    base = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.0)
+    longest = max(1 + len(i) + len(a) for i, a in rows)
+    ids = torch.full((B, longest), SMOLLM2_135M["pad_token_id"])
+    mask = torch.zeros((B, longest), dtype=torch.long)
+    labels = torch.full((B, longest), -100)
+    for b, (inp, ans) in enumerate(rows):  # right padding, as PEFT's examples do
+        seq = [1, *inp, *ans]
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        labels[b, len(seq) - len(ans) : len(seq)] = torch.tensor(ans)
+
+    def one_step():
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    one_step()  # warm-up
+    return time_calls(one_step, steps), longest
+
+
+def step_flops(config, T: int, n_targets: int) -> float:
+    """Forward + backward-to-inputs FLOPs of one step at B rows of T slots (matmuls and attention)."""
+    D, H, K, d, F, L, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
+                           config.d_ff, config.n_layers, config.vocab_size)
+    tokens = B * T
+    linear = 2 * tokens * L * (D * H * d + 2 * D * K * d + H * d * D + 3 * D * F)
+    attention = 2 * 2 * B * L * H * d * T * T  # scores and weighted values, full (masked) square
+    head = 2 * n_targets * D * V
+    # backward to the inputs: one matmul per linear (dX = dY W^T), two per attention product
+    return 2 * linear + 3 * attention + 2 * head
+
+
+def gemm_rate(config, T: int, n_targets: int, repeats: int = 5) -> float:
+    """float32 FLOP/s of jitted matmuls with this model's shapes, weighted as a step uses them."""
+    import jax
+    import jax.numpy as jnp
+
+    D, H, K, d, F, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
+                        config.d_ff, config.vocab_size)
+    M = B * T
+    shapes = [(M, D, H * d), (M, D, K * d), (M, D, K * d), (M, H * d, D), (M, D, F), (M, D, F),
+              (M, F, D), (n_targets, D, V)]
+    rng = np.random.default_rng(0)
+    matmul = jax.jit(lambda a, b: a @ b)
+    flops = seconds = 0.0
+    for m, k, n in shapes:
+        a = jnp.asarray(rng.standard_normal((m, k), np.float32))
+        b = jnp.asarray(rng.standard_normal((k, n), np.float32))
+        matmul(a, b).block_until_ready()
+        best = min(time_calls(lambda: matmul(a, b).block_until_ready(), repeats))
+        flops += 2 * m * k * n
+        seconds += best
+    return flops / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    rows = make_rows()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        make_checkpoint(directory)
+        lm, batch, ours, compile_s, compilations = bench_spt_jax(directory, rows, args.steps)
+        theirs, peft_len = bench_peft(directory, rows, args.steps, args.threads)
+
+    T, A = batch["tokens"].shape[1], batch["target_ids"].shape[1]
+    n_targets = int(batch["target_mask"].sum())
+    flops = step_flops(lm.config, T, B * A)
+    rate = gemm_rate(lm.config, T, B * A)
+    ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+    bound_s = flops / rate
+    print(f"SmolLM2-135M-shaped, float32, batch {B}, P={P} + {INPUT_LEN} input tokens, answers <= {MAX_ANSWER} "
+          f"tokens ({n_targets} target tokens); {os.cpu_count()} cores, torch threads {args.threads}")
+    print(f"spt_jax : {ours_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(ours) * 1e3:.1f}), "
+          f"padded length {T} (bucket), answer width {A}, first call {compile_s:.1f} s, "
+          f"compilations {compilations}")
+    print(f"PEFT    : {theirs_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(theirs) * 1e3:.1f}), "
+          f"length {P + peft_len} (prompt + longest row)")
+    print(f"compute bound: {flops / 1e9:.1f} GFLOP/step at {rate / 1e9:.1f} GFLOP/s (jitted float32 GEMMs "
+          f"of the model's shapes) = {bound_s * 1e3:.1f} ms")
+    print(f"ratio spt_jax / PEFT        = {ours_s / theirs_s:.2f}  (target <= 0.70)")
+    print(f"ratio spt_jax / bound       = {ours_s / bound_s:.2f}  (target <= 2.00)")
+
+
+if __name__ == "__main__":
+    main()

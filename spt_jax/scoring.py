@@ -1,0 +1,237 @@
+"""Log-likelihood of continuations, the knowledge reference for multiple-choice tasks.
+
+As in lm-evaluation-harness's ``loglikelihood``: the score of a continuation is the sum of its
+tokens' log-probabilities given the context, and ``is_greedy`` says whether greedy decoding would
+have produced it. The context/continuation split follows the harness too: trailing spaces of the
+context move to the continuation, the pair is tokenized whole and the continuation is what follows
+the context's tokens. Sequences use generation's layout and shared prefix
+(``[BOS]? [soft prompt]? [prefix text]? [context + continuation]``, left-padded into length buckets)
+and the vocabulary projection runs only at the continuation positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spt_jax import tokens as tok
+from spt_jax.errors import ConfigError, DataError
+from spt_jax.generate import (
+    TRACE_COUNTS,
+    DEFAULT_BUCKETS,
+    PrefixCache,
+    PrefixKV,
+    progress_bar,
+    resolve_prefix,
+    batch_cache,
+    bucket_length,
+    left_pad,
+    truncate_left,
+)
+from spt_jax.models.transformer import positions_from_mask
+
+_MIN_CONTINUATION_BUCKET = 4  # continuation lengths round up to a power of two at least this
+
+
+@dataclasses.dataclass(frozen=True)
+class LoglikelihoodResult:
+    """Per pair: summed continuation log-probability (float64), greedy match and token count."""
+
+    loglikelihood: np.ndarray  # [N] float64
+    is_greedy: np.ndarray  # [N] bool
+    n_tokens: np.ndarray  # [N] int, continuation tokens scored
+
+
+def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids as lm-evaluation-harness splits them (``_encode_pair``)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok.encode(tokenizer, context + continuation)
+    context_ids = tok.encode(tokenizer, context)
+    return whole[: len(context_ids)], whole[len(context_ids) :]
+
+
+def score_continuations(
+    lm,
+    contexts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    soft_prompt: jax.Array | None = None,
+    prefix_text: str = "",
+    prefix: PrefixCache | None = None,
+    batch_size: int = 8,
+    length_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    progress: bool = False,
+) -> LoglikelihoodResult:
+    """Log-likelihood and greedy match of each continuation after ``[prefix] + context``.
+
+    Contexts too long for the largest bucket or the model's context are cut from the left with a
+    warning; a continuation that alone does not fit is an error.
+    """
+    if len(contexts) != len(continuations):
+        raise DataError(f"got {len(contexts)} contexts but {len(continuations)} continuations")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    prefix = resolve_prefix(lm, soft_prompt, prefix_text, prefix, length_buckets)
+    n = len(contexts)
+    if not n:
+        return LoglikelihoodResult(np.zeros(0), np.zeros(0, bool), np.zeros(0, np.int64))
+    limit = min(lm.config.max_position_embeddings - prefix.length, max(length_buckets))
+    pairs = [split_pair(lm.tokenizer, c, x) for c, x in zip(contexts, continuations)]
+    for i, (context_ids, cont_ids) in enumerate(pairs):
+        if len(cont_ids) > limit - (1 if prefix.length == 0 else 0):
+            raise DataError(
+                f"continuation {i} has {len(cont_ids)} tokens, more than fit after the prefix "
+                f"({limit} slots: largest length bucket or model context)"
+            )
+        if prefix.length == 0 and not context_ids and cont_ids:
+            raise DataError(
+                f"context {i} tokenizes to nothing and there is no BOS, soft prompt or prefix text, "
+                "so the continuation's first token has nothing to be predicted from"
+            )
+    seqs = truncate_left([c + x for c, x in pairs], limit, what="context + continuation pairs")
+    n_cont = np.array([len(x) for _, x in pairs])
+
+    logprob = np.zeros(n, np.float64)
+    greedy = np.ones(n, bool)
+    order = sorted(range(n), key=lambda i: -len(seqs[i]))
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    pad_id = lm.tokenizer.pad_token_id or 0
+    for batch in progress_bar(batches, progress, "score"):
+        rows = [seqs[i] for i in batch] + [[]] * (batch_size - len(batch))
+        conts = np.zeros(batch_size, np.int32)
+        conts[: len(batch)] = n_cont[batch]
+        ids, valid = left_pad(rows, bucket_length(max(map(len, rows)), length_buckets), pad_id)
+        width = max(_MIN_CONTINUATION_BUCKET, 1 << max(int(conts.max()) - 1, 0).bit_length())
+        token_logprobs, token_greedy = _score_batch(
+            lm.graphdef, lm.params, prefix.kv, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(conts),
+            width=width,
+        )  # fmt: skip
+        token_logprobs = np.asarray(token_logprobs, np.float64)[: len(batch)]
+        logprob[batch] = token_logprobs.sum(axis=1)
+        greedy[batch] = np.asarray(token_greedy)[: len(batch)].all(axis=1)
+    return LoglikelihoodResult(loglikelihood=logprob, is_greedy=greedy, n_tokens=n_cont)
+
+
+def loglikelihoods(
+    lm,
+    contexts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    soft_prompt: jax.Array | None = None,
+    prefix_text: str = "",
+    prefix: PrefixCache | None = None,
+    batch_size: int = 8,
+    length_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    progress: bool = False,
+) -> np.ndarray:
+    """Summed log-probability ``[N]`` (float64) of each continuation given its context."""
+    return score_continuations(
+        lm, contexts, continuations, soft_prompt=soft_prompt, prefix_text=prefix_text, prefix=prefix,
+        batch_size=batch_size, length_buckets=length_buckets, progress=progress,
+    ).loglikelihood  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "width"))
+def _score_batch(graphdef, params, prefix: PrefixKV, ids, valid, n_cont, *, width: int):
+    """Per continuation token ``[B, width]``: log-probability and whether it is the argmax.
+
+    The continuation fills the last ``n_cont`` slots of each left-padded row. Its first token is
+    predicted by the slot before it, or by the prefix's last token when the context is empty.
+    """
+    TRACE_COUNTS["score"] += 1
+    model = nnx.merge(graphdef, params)
+    B, T = ids.shape
+    cache = batch_cache(model.config, prefix, B, T, model.dtype)
+    hidden, _ = model(model.embed(ids), positions_from_mask(valid, prefix.length), valid, cache)
+    # Slot 0 is the prefix's last token, slot s + 1 the input's slot s.
+    with_prefix = jnp.concatenate([jnp.broadcast_to(prefix.last_hidden, (B, 1, hidden.shape[-1])), hidden], 1)
+    n_input = valid.sum(axis=1)
+    c = jnp.arange(width)[None]  # [1, C]
+    in_range = c < n_cont[:, None]  # [B, C]
+    target_slot = jnp.clip(T - n_cont[:, None] + c, 0, T - 1)  # input slot of each continuation token
+    predictor = jnp.where(target_slot - 1 >= T - n_input[:, None], target_slot, 0)  # in with_prefix
+    predictor = jnp.where(in_range, predictor, 0)
+    picked = jnp.take_along_axis(with_prefix, predictor[..., None], axis=1)  # [B, C, D]
+    logits = model.logits(picked)  # [B, C, V]
+    targets = jnp.take_along_axis(ids, target_slot, axis=1)  # [B, C]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    target_logprob = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    is_greedy = jnp.argmax(logits, axis=-1) == targets
+    return jnp.where(in_range, target_logprob, 0.0), jnp.where(in_range, is_greedy, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+def choice_loglikelihoods(
+    lm,
+    context_and_choices: Sequence[tuple[str, Sequence[str]]],
+    *,
+    soft_prompt: jax.Array | None = None,
+    prefix_text: str = "",
+    prefix: PrefixCache | None = None,
+    batch_size: int = 8,
+    length_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """Per item, the log-likelihood ``[n_choices]`` of each choice continuing the item's context."""
+    for i, (_, choices) in enumerate(context_and_choices):
+        if not len(choices):
+            raise DataError(f"item {i} has no answer choices")
+    contexts = [context for context, choices in context_and_choices for _ in choices]
+    continuations = [choice for _, choices in context_and_choices for choice in choices]
+    flat = loglikelihoods(
+        lm, contexts, continuations, soft_prompt=soft_prompt, prefix_text=prefix_text, prefix=prefix,
+        batch_size=batch_size, length_buckets=length_buckets, progress=progress,
+    )  # fmt: skip
+    bounds = np.cumsum([0] + [len(choices) for _, choices in context_and_choices])
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def predictions_from_loglikelihoods(
+    scores: Sequence[np.ndarray],
+    choices: Sequence[Sequence[str]],
+    *,
+    length_normalized: bool = False,
+) -> np.ndarray:
+    """Argmax choice per item; ``length_normalized`` divides by the choice's character count, as
+    lm-evaluation-harness's ``acc_norm`` does (so long choices are not penalized for their length)."""
+    picks = []
+    for item_scores, item_choices in zip(scores, choices):
+        item_scores = np.asarray(item_scores, np.float64)
+        if length_normalized:
+            item_scores = item_scores / np.array([max(len(c), 1) for c in item_choices], np.float64)
+        picks.append(int(np.argmax(item_scores)))
+    return np.array(picks, np.int64)
+
+
+def choice_predictions(
+    lm,
+    context_and_choices: Sequence[tuple[str, Sequence[str]]],
+    *,
+    length_normalized: bool = False,
+    soft_prompt: jax.Array | None = None,
+    prefix_text: str = "",
+    prefix: PrefixCache | None = None,
+    batch_size: int = 8,
+    length_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    progress: bool = False,
+) -> np.ndarray:
+    """Index of the most likely choice per item (``length_normalized``: lm-eval's ``acc_norm``)."""
+    scores = choice_loglikelihoods(
+        lm, context_and_choices, soft_prompt=soft_prompt, prefix_text=prefix_text, prefix=prefix,
+        batch_size=batch_size, length_buckets=length_buckets, progress=progress,
+    )  # fmt: skip
+    return predictions_from_loglikelihoods(
+        scores, [choices for _, choices in context_and_choices], length_normalized=length_normalized
+    )
