@@ -6,6 +6,7 @@ the tensor, both shapes), so the CLI's one-line error is enough to fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 
@@ -192,11 +193,9 @@ def test_tensors_stream_one_at_a_time(tiny_hf_checkpoint):
             del array
 
     lm = models.load(directory)
-    graphdef_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lm.params
-    )
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lm.params)
     params = load_params(
-        graphdef_state,
+        abstract_state,
         family_for(lm.config.model_type),
         watched(),
         source=str(directory),
@@ -204,4 +203,4 @@ def test_tensors_stream_one_at_a_time(tiny_hf_checkpoint):
     )
     assert len(pulled) == len(safetensors.numpy.load_file(files[0]))
     assert alive == [0] * len(pulled)
-    _assert_same_params(lm, type(lm)(**{**lm.__dict__, "params": params}))
+    _assert_same_params(lm, dataclasses.replace(lm, params=params))
