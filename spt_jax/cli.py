@@ -29,7 +29,7 @@ DEFAULT_MODEL = "gemma3-270m"
 DEFAULT_TASK = "capitals_mc"
 DEFAULT_OUT = "results"
 DEFAULT_N_TEST = 200
-DEFAULT_EVAL_EVERY = 20
+DEFAULT_EVAL_EVERY = 10
 DEFAULT_N_CURVE = 64
 DEFAULT_BATCH_SIZE = 16
 
@@ -234,7 +234,8 @@ def _label(*parts: str) -> str:
 
 
 def _tune_config(args):
-    from spt_jax.evaluate import _replace_tune, _default_tune_config
+    from spt_jax.evaluate import tune_config_with
+    from spt_jax.tune import TuneConfig
 
     changes = {}
     if args.steps is not None:
@@ -245,7 +246,7 @@ def _tune_config(args):
         changes["prompt_length"] = args.prompt_length
     if args.lr is not None:
         changes["learning_rate"] = args.lr
-    return _replace_tune(_default_tune_config(), changes, "command line")
+    return tune_config_with(TuneConfig(), changes, "command line")
 
 
 def _eval_config(args, *, modes, tune=None, prompt_file=None, eval_every=0, n_curve=64):

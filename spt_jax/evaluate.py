@@ -35,6 +35,7 @@ import numpy as np
 
 from spt_jax import metrics
 from spt_jax.errors import ConfigError, DataError, close_names
+from spt_jax.tune.config import TuneConfig  # the config alone: no JAX import until tuning runs
 
 MODES = ("zero_shot", "few_shot", "soft_prompt")
 LOGLIK_MODE = "loglik"  # reference row for multiple-choice tasks; not a generation mode
@@ -45,12 +46,6 @@ REPORT_FILE = "results.md"
 PROMPT_FILE = "soft_prompt.safetensors"
 TUNING_FILE = "tuning.json"
 COMPARE_FILE = "compare.json"
-
-
-def _default_tune_config():
-    from spt_jax.tune import TuneConfig
-
-    return TuneConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +63,7 @@ class EvalConfig:
     k: int = 5
     seed: int = 0
     n_test: int | None = None
-    tune: Any = dataclasses.field(default_factory=_default_tune_config)  # spt_jax.tune.TuneConfig
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
     eval_every: int = 20
     n_curve: int = 64
     batch_size: int = 16
@@ -128,11 +123,18 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: s
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory")
-    if (out / marker).exists() and not overwrite:
-        raise ConfigError(f"{out} already holds results ({marker}); choose another directory or "
-                          "pass overwrite=True (--overwrite) to replace them")
+    if (out / marker).exists():
+        if not overwrite:
+            raise ConfigError(f"{out} already holds results ({marker}); choose another directory or "
+                              "pass overwrite=True (--overwrite) to replace them")
+        for name in _OUTPUT_FILES:  # only our own files, so no stale plot or prompt survives
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+_OUTPUT_FILES = (RESULTS_FILE, PREDICTIONS_FILE, REPORT_FILE, PROMPT_FILE, TUNING_FILE, COMPARE_FILE,
+                 "compare.md", "metrics_by_mode.png", "tuning_curve.png")
 
 
 def timestamped_dir(parent: str | os.PathLike, label: str) -> Path:
@@ -704,7 +706,7 @@ def eval_config_from_dict(spec: Mapping | None, origin: str, base: EvalConfig | 
     if "modes" in spec and isinstance(spec["modes"], list):
         spec["modes"] = tuple(spec["modes"])
     try:
-        tune_config = _replace_tune(base.tune, tune_changes, origin)
+        tune_config = tune_config_with(base.tune, tune_changes, origin)
         return dataclasses.replace(base, tune=tune_config, **spec)
     except ConfigError as e:
         raise ConfigError(f"{origin}: {e}") from None
@@ -712,7 +714,8 @@ def eval_config_from_dict(spec: Mapping | None, origin: str, base: EvalConfig | 
         raise ConfigError(f"{origin}: bad eval settings ({e})") from None
 
 
-def _replace_tune(tune_config, changes: Mapping, origin: str):
+def tune_config_with(tune_config, changes: Mapping, origin: str = "tuning settings"):
+    """``tune_config`` with ``changes``; unknown fields and bad values are ConfigErrors naming ``origin``."""
     if not changes:
         return tune_config
     names = {f.name for f in dataclasses.fields(tune_config)}
@@ -954,6 +957,7 @@ __all__ = [
     "score_outputs",
     "select_test",
     "timestamped_dir",
+    "tune_config_with",
     "tune_outputs",
     "tune_soft_prompt",
     "versions",

@@ -119,17 +119,28 @@ class PrefixKV:
 
 @dataclasses.dataclass(frozen=True)
 class PrefixCache:
-    """A computed prefix ([BOS]? [soft prompt]? [prefix text]?) reusable across calls and batches."""
+    """A computed prefix ([BOS]? [soft prompt]? [prefix text]?) reusable across calls and batches.
+
+    The prefix text's trailing whitespace is not cached but ``carry``-ed into every input, as
+    lm-evaluation-harness moves a context's trailing spaces into the continuation: BPE tokenizers
+    merge a whitespace run with what follows, so "demos\n\n" + "Question" tokenized apart would
+    differ from the two tokenized together ("\n\n" vs "\n", "\n").
+    """
 
     kv: PrefixKV
     length: int  # real slots: BOS + P + prefix-text tokens
     n_soft: int
-    text: str
+    text: str  # the cached prefix text (trailing whitespace removed)
+    carry: str  # that trailing whitespace, prepended to every input
     model_name: str
 
     @property
     def bucket(self) -> int:
         return int(self.kv.pos.shape[1])
+
+    def join(self, text: str) -> str:
+        """The input text as it is tokenized after this prefix."""
+        return self.carry + text
 
 
 def prefix_cache(
@@ -143,7 +154,8 @@ def prefix_cache(
     check_buckets(length_buckets)
     config = lm.config
     bos = tok.bos_ids(lm.tokenizer)
-    text_ids = tok.encode(lm.tokenizer, prefix_text) if prefix_text else []
+    cached_text = prefix_text.rstrip()
+    text_ids = tok.encode(lm.tokenizer, cached_text) if cached_text else []
     soft = _check_soft_prompt(soft_prompt, config.d_model)
     n_soft = 0 if soft is None else int(soft.shape[0])
     length = len(bos) + n_soft + len(text_ids)
@@ -169,7 +181,10 @@ def prefix_cache(
         if soft is None:
             soft = jnp.zeros((0, config.d_model), lm.dtype)
         kv = _run_prefix(lm.graphdef, lm.params, jnp.asarray(ids), soft, jnp.int32(length), n_bos=len(bos))
-    return PrefixCache(kv=kv, length=length, n_soft=n_soft, text=prefix_text, model_name=lm.name)
+    return PrefixCache(
+        kv=kv, length=length, n_soft=n_soft, text=cached_text, carry=prefix_text[len(cached_text) :],
+        model_name=lm.name,
+    )  # fmt: skip
 
 
 def _check_soft_prompt(soft_prompt, d_model: int):
@@ -273,7 +288,7 @@ def generate(
     if not len(texts):
         return []
     max_input = _max_input_length(lm, prefix, config.max_new_tokens, config.length_buckets)
-    encoded = [tok.encode(lm.tokenizer, t) for t in texts]
+    encoded = [tok.encode(lm.tokenizer, prefix.join(t)) for t in texts]
     encoded = truncate_left(encoded, max_input, what="generation inputs")
     if prefix.length == 0 and any(len(e) == 0 for e in encoded):
         raise DataError(

@@ -85,7 +85,7 @@ def score_continuations(
     if not n:
         return LoglikelihoodResult(np.zeros(0), np.zeros(0, bool), np.zeros(0, np.int64))
     limit = min(lm.config.max_position_embeddings - prefix.length, max(length_buckets))
-    pairs = [split_pair(lm.tokenizer, c, x) for c, x in zip(contexts, continuations)]
+    pairs = [split_pair(lm.tokenizer, prefix.join(c), x) for c, x in zip(contexts, continuations)]
     for i, (context_ids, cont_ids) in enumerate(pairs):
         if len(cont_ids) > limit - (1 if prefix.length == 0 else 0):
             raise DataError(

@@ -250,10 +250,14 @@ def test_existing_results_are_not_overwritten(full_run, tiny_lm):
 def test_overwrite_replaces_results(tiny_lm, tmp_path):
     config = tiny_config(modes=("zero_shot",), loglik=False, n_test=3)
     ev.evaluate(tiny_lm, toy_task(), config, tmp_path, progress=False)
+    (tmp_path / report.CURVE_PLOT).write_bytes(b"from an older run")
+    (tmp_path / "notes.txt").write_text("the user's own file")
     results = ev.evaluate(tiny_lm, toy_task(), config.replace(n_test=4), tmp_path, overwrite=True,
                           progress=False)
     assert json.loads((tmp_path / ev.RESULTS_FILE).read_text())["n"] == 4 == results["n"]
     assert len(read_predictions(tmp_path)) == 4
+    assert not (tmp_path / report.CURVE_PLOT).exists()  # no stale output survives an overwrite
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"  # nothing else is touched
 
 
 # --------------------------------------------------------------------------------------------------

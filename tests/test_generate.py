@@ -125,6 +125,9 @@ def test_cached_prefix_equals_prefix_prepended(lm):
     reused = gen.generate(lm, TEXTS, prefix=prefix, config=config)
     uncached = gen.generate(lm, [prefix_text + t for t in TEXTS], config=config)
     assert cached == reused == uncached
+    # Trailing whitespace is carried into each input, so BPE sees the boundary as in the joint text.
+    assert (prefix.text, prefix.carry, prefix.join("x")) == (prefix_text[:-1], " ", " x")
+    assert prefix.length == 1 + len(prefix_text) - 1  # BOS + the cached characters
 
 
 def test_soft_prompt_changes_outputs(lm):

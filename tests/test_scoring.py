@@ -14,7 +14,7 @@ from test_generate import char_tokenizer, tiny_lm
 from spt_jax import generate as gen
 from spt_jax import scoring
 from spt_jax.errors import DataError
-from spt_jax.tokens import bos_ids, encode
+from spt_jax.tokens import bos_ids
 
 CONTEXTS = ["the cat sat on the", "q: is it?\na:", "", "hello there", "ab", "x y z ", "why"]
 CONTINUATIONS = [" mat", " yes", "start", ", friend", "c", "w", "?\nbecause it is."]
@@ -33,9 +33,9 @@ def _token_logprobs(graphdef, params, embeds, n):
 def naive_score(lm, context, continuation, *, soft_prompt=None, prefix_text=""):
     """Reference: one unbatched forward over the whole sequence, log-softmax sum over the continuation."""
     model, tokenizer = lm.model, lm.tokenizer
-    context_ids, cont_ids = scoring.split_pair(tokenizer, context, continuation)
+    context_ids, cont_ids = scoring.split_pair(tokenizer, prefix_text + context, continuation)
     head = jnp.asarray(bos_ids(tokenizer), jnp.int32)
-    tail = jnp.asarray(encode(tokenizer, prefix_text) + context_ids + cont_ids, jnp.int32)
+    tail = jnp.asarray(context_ids + cont_ids, jnp.int32)
     soft = jnp.zeros((0, lm.config.d_model)) if soft_prompt is None else jnp.asarray(soft_prompt)
     embeds = jnp.concatenate([model.embed(head), soft, model.embed(tail)])
     n = embeds.shape[0]
@@ -69,7 +69,7 @@ def test_matches_naive_log_softmax_sum(lm, use_soft, prefix_text):
     assert result.loglikelihood.dtype == np.float64
     np.testing.assert_allclose(result.loglikelihood, [w[0] for w in want], rtol=1e-5, atol=1e-4)
     assert result.is_greedy.tolist() == [w[1] for w in want]
-    assert result.n_tokens.tolist() == [len(scoring.split_pair(lm.tokenizer, c, x)[1])
+    assert result.n_tokens.tolist() == [len(scoring.split_pair(lm.tokenizer, prefix_text + c, x)[1])
                                         for c, x in zip(CONTEXTS, CONTINUATIONS)]  # fmt: skip
 
 
@@ -90,7 +90,7 @@ def test_greedy_generation_is_greedy_under_scoring(lm):
 
 
 def test_cached_prefix_equals_prefix_prepended(lm):
-    prefix_text = "q: one\na: 1\n\nq:"  # no trailing space: that would move into the continuation
+    prefix_text = "q: one\na: 1\n\nq: "  # its trailing space joins each context, as when prepended
     cached = scoring.loglikelihoods(lm, CONTEXTS, CONTINUATIONS, prefix_text=prefix_text, length_buckets=BUCKETS)
     prepended = scoring.loglikelihoods(
         lm, [prefix_text + c for c in CONTEXTS], CONTINUATIONS, length_buckets=BUCKETS
