@@ -237,7 +237,7 @@ def _tune_config(args):
     from spt_jax.evaluate import tune_config_with
     from spt_jax.tune import TuneConfig
 
-    changes = {}
+    changes = {"seed": args.seed}
     if args.steps is not None:
         changes["steps"] = args.steps
     if args.tune_batch_size is not None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from spt_jax import metrics
 from spt_jax.errors import ConfigError, DataError, close_names
-from spt_jax.tune.config import TuneConfig  # the config alone: no JAX import until tuning runs
+from spt_jax.tune.config import TuneConfig
 
 MODES = ("zero_shot", "few_shot", "soft_prompt")
 LOGLIK_MODE = "loglik"  # reference row for multiple-choice tasks; not a generation mode
@@ -56,7 +56,8 @@ class EvalConfig:
     items (the same items for every mode, so paired comparisons hold). ``eval_every`` tuning steps
     between evaluations of ``n_curve`` fixed validation items (0 disables the curve). ``prompt_file``
     evaluates a saved soft prompt instead of tuning one. ``dtype`` is used by the callers that load
-    the model (CLI, ``compare``).
+    the model (CLI, ``compare``). ``seed`` picks the test sample, the demonstrations and the curve
+    items; the prompt's initialization and data order follow ``tune.seed``.
     """
 
     modes: tuple[str, ...] = MODES
@@ -296,7 +297,7 @@ class _ModeRun:
     wall_time_s: float = 0.0
 
 
-def _run_generation(lm, task, items, inputs, config, *, soft_prompt=None, prefix_text="", progress=False):
+def _run_generation(lm, task, inputs, config, *, soft_prompt=None, prefix_text="", progress=False):
     from spt_jax.generate import generate
 
     return generate(lm, inputs, soft_prompt=soft_prompt, prefix_text=prefix_text,
@@ -321,7 +322,7 @@ def tune_soft_prompt(lm, task, config: EvalConfig, *, out_dir: Path | None = Non
         curve_inputs = [task.render_input(r) for r in curve_items]
 
         def on_eval(step, prompt):
-            outputs = _run_generation(lm, task, curve_items, curve_inputs, config, soft_prompt=prompt)
+            outputs = _run_generation(lm, task, curve_inputs, config, soft_prompt=prompt)
             rows = score_outputs(task, curve_items, outputs)
             return {"format_validity": float(np.mean([r["valid"] for r in rows])),
                     "accuracy": float(np.mean([r["correct"] for r in rows])), "eval_n": len(rows)}
@@ -465,18 +466,18 @@ def evaluate(
         t0 = time.perf_counter()
         if mode == "zero_shot":
             inputs = [task.zero_shot_prompt(r) for r in records]
-            outputs = _run_generation(lm, task, records, inputs, config, progress=progress)
+            outputs = _run_generation(lm, task, inputs, config, progress=progress)
             runs[mode] = _ModeRun(inputs, outputs)
         elif mode == "few_shot":
             inputs = [task.render_input(r) for r in records]
-            outputs = _run_generation(lm, task, records, inputs, config, prefix_text=fewshot_prefix,
+            outputs = _run_generation(lm, task, inputs, config, prefix_text=fewshot_prefix,
                                       progress=progress)
             runs[mode] = _ModeRun(inputs, outputs, prefix_text=fewshot_prefix, extra={"k": config.k})
         else:
             soft_prompt, tuning = _soft_prompt_for(lm, task, config, saved_prompt, progress)
             t_eval = time.perf_counter()
             inputs = [task.render_input(r) for r in records]
-            outputs = _run_generation(lm, task, records, inputs, config, soft_prompt=soft_prompt,
+            outputs = _run_generation(lm, task, inputs, config, soft_prompt=soft_prompt,
                                       progress=progress)
             tuning["eval_time_s"] = time.perf_counter() - t_eval
             runs[mode] = _ModeRun(inputs, outputs, extra={"tuning_steps": tuning["steps"]})

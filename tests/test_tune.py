@@ -316,6 +316,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(lm, tmp_path):
 
     with pytest.raises(ConfigError, match=r"different settings \(learning_rate\)"):
         tune.tune(lm, examples, config.replace(learning_rate=0.5), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="newest checkpoint is step 6, past TuneConfig.steps=5"):
+        tune.tune(lm, examples, config.replace(steps=5), checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ConfigError, match="covers 20 examples but 21"):
         tune.tune(lm, examples + [("1+1=", " 2")], config, checkpoint_dir=tmp_path, progress=False)
 

@@ -117,6 +117,12 @@ def tune(
             if restored is not None:
                 start, state, meta = restored
                 _check_resumable(meta, config, model_meta, checkpoints.directory)
+                if start > config.steps:
+                    raise ConfigError(
+                        f"{checkpoints.directory}: the newest checkpoint is step {start}, past "
+                        f"TuneConfig.steps={config.steps}; ask for at least {start} steps or use a "
+                        "new checkpoint_dir"
+                    )
                 prompt, opt_state = state["prompt"], state["opt_state"]
                 order = DataOrder.from_state(meta["data_state"], len(pairs))
                 history, resumed_from = list(meta["history"]), start
