@@ -70,7 +70,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _n_test(text: str) -> int | None:
-    if text.lower() in ("all", "none", "0"):
+    if text.lower() in ("all", "none"):
         return None
     return _positive_int(text)
 

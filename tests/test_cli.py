@@ -178,6 +178,8 @@ def test_no_arguments_means_run_with_the_defaults(monkeypatch):
     assert seen["command"] == "run" and seen["model"] == cli.DEFAULT_MODEL == "gemma3-270m"
     assert seen["task"] == cli.DEFAULT_TASK and seen["modes"] == ("zero_shot", "few_shot", "soft_prompt")
     assert seen["n_test"] == cli.DEFAULT_N_TEST and seen["steps"] is None and seen["k"] == 5
+    assert cli.main(["run", "--n-test", "all", "--modes", "soft-prompt,zero_shot"]) == 0
+    assert seen["n_test"] is None and seen["modes"] == ("soft_prompt", "zero_shot")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ def test_writes_every_file(full_run):
 def test_results_json_schema(full_run):
     out, results = full_run
     loaded = json.loads((out / ev.RESULTS_FILE).read_text())
+    assert ev.load_results(out) == loaded == ev.load_results(out / ev.RESULTS_FILE)
     assert loaded["schema_version"] == ev.SCHEMA_VERSION
     for key in ("created", "model", "task", "n", "seed", "config", "versions", "results", "comparisons",
                 "tuning", "wall_time_s", "files"):
@@ -172,6 +173,17 @@ def test_results_json_schema(full_run):
     assert loaded["config"]["tune"]["steps"] == 3 and loaded["config"]["modes"] == list(ev.MODES)
     pairs = {(c["mode_a"], c["mode_b"], c["metric"]) for c in loaded["comparisons"]}
     assert ("zero_shot", "soft_prompt", "accuracy") in pairs and ("few_shot", "soft_prompt", "format_validity") in pairs
+
+
+def test_schema_doc_names_every_field(full_run):
+    from pathlib import Path
+
+    out, results = full_run
+    doc = (Path(__file__).parents[1] / "docs" / "results_schema.md").read_text()
+    fields = set(results) | set(results["results"][1]) | set(results["tuning"]) | set(results["comparisons"][0])
+    fields |= set(results["tuning"]["curve"][0]) | set(read_predictions(out)[0]) | set(results["files"])
+    missing = sorted(f for f in fields if f'"{f}"' not in doc)
+    assert not missing, f"docs/results_schema.md does not document {missing}"
 
 
 def test_metrics_match_predictions_jsonl(full_run):
@@ -436,6 +448,14 @@ def test_compare_config_file_errors(tmp_path):
         ev.load_compare_config(tmp_path / "none.yaml")
     with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.json"):
         ev.load_compare_config(tmp_path / "c.txt")
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no results file"):
+        ev.load_results(tmp_path)
+    (tmp_path / ev.RESULTS_FILE).write_text('{"n": 1,\n oops}')
+    with pytest.raises(DataError, match=r"results\.json, line 2: malformed JSON"):
+        ev.load_results(tmp_path)
 
 
 def test_timestamped_dirs_never_collide(tmp_path):

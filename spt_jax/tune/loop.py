@@ -98,97 +98,42 @@ def tune(
     train_step = make_train_step(lm, config, mesh)
     compiles_at_start = train_step.compilations
     repl = replicated(mesh)
+    model_meta = model_metadata(lm)
 
     prompt = jax.device_put(np.asarray(init_prompt(lm, config), np.float32), repl)
     opt_state = jax.jit(train_step.init, out_shardings=repl)(prompt)
-    order = DataOrder(len(pairs), config.seed)
-    history: list[dict] = []
-    start, resumed_from = 0, None
+    run = _Run(prompt, opt_state, DataOrder(len(pairs), config.seed))
     checkpoints = TuneCheckpoints(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
-    model_meta = model_metadata(lm)
-
+    run_start = time.perf_counter()
     try:
         if checkpoints is not None:
-            abstract = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                {"prompt": prompt, "opt_state": opt_state},
-            )
-            restored = checkpoints.restore_latest(abstract)
-            if restored is not None:
-                start, state, meta = restored
-                _check_resumable(meta, config, model_meta, checkpoints.directory)
-                if start > config.steps:
-                    raise ConfigError(
-                        f"{checkpoints.directory}: the newest checkpoint is step {start}, past "
-                        f"TuneConfig.steps={config.steps}; ask for at least {start} steps or use a "
-                        "new checkpoint_dir"
-                    )
-                prompt, opt_state = state["prompt"], state["opt_state"]
-                order = DataOrder.from_state(meta["data_state"], len(pairs))
-                history, resumed_from = list(meta["history"]), start
+            _resume(run, checkpoints, config, model_meta, len(pairs), repl)
+        if run.step == 0 and on_eval is not None:
+            run.history.append({"step": 0, **_evaluate(on_eval, 0, run.prompt)})
 
-        if start == 0 and on_eval is not None:
-            history.append({"step": 0, **_evaluate(on_eval, 0, prompt)})
-
-        bar = _progress_bar(config.steps, start, progress)
-        shapes_used: set[tuple[int, int]] = set()
-        last_saved = resumed_from
-        run_start = time.perf_counter()
-        for step in range(start + 1, config.steps + 1):
-            rows = [encoder(i) for i in order.take(config.batch_size)]
-            host_batch = collate(rows, layout)
-            T, A = host_batch["tokens"].shape[1], host_batch["target_ids"].shape[1]
-            shapes_used.add((T, A))
-            compiles_before = train_step.compilations
-            t0 = time.perf_counter()
-            prompt, opt_state, metrics = train_step(prompt, opt_state, params, global_batch(host_batch, mesh))
-            metrics = jax.device_get(metrics)
-            record = {
-                "step": step,
-                "loss": float(metrics["loss"]),
-                "grad_norm": float(metrics["grad_norm"]),
-                "n_targets": int(metrics["n_targets"]),
-                "seq_len": int(T),
-                "answer_width": int(A),
-                "epoch": order.epoch,
-                "step_time_s": time.perf_counter() - t0,
-                "compiled": train_step.compilations > compiles_before,
-            }
-            if not bool(metrics["finite"]):
-                where = (
-                    f"the last good checkpoint is step {last_saved} in {checkpoints.directory}"
-                    if checkpoints is not None and last_saved is not None
-                    else "no checkpoint was written"
-                )
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {step} (loss={record['loss']}); tuning "
-                    f"stopped and {where}. Lower TuneConfig.learning_rate or check the examples.",
-                    step=step,
-                    last_good_prompt=_host_copy(prompt),
-                    history=history,
-                )
-            if on_eval is not None and (step == config.steps or (config.eval_every and step % config.eval_every == 0)):
-                record.update(_evaluate(on_eval, step, prompt))
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if checkpoints is not None and (
-                step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-            ):
-                meta = {
-                    "step": step,
-                    "data_state": order.state(),
-                    "config": config.to_dict(),
-                    "model": model_meta,
-                    "history": history,
-                }
-                checkpoints.save(step, prompt, opt_state, meta)
-                last_saved = step
-        bar.close()
+        with _progress_bar(config.steps, run.step, progress) as bar:
+            while run.step < config.steps:
+                step = run.step + 1
+                host_batch = collate([encoder(i) for i in run.order.take(config.batch_size)], layout)
+                record = _train_one_step(run, train_step, params, global_batch(host_batch, mesh), step)
+                if not record.pop("finite"):
+                    raise _non_finite(run, record, checkpoints)
+                if on_eval is not None and _due(step, config.eval_every, config.steps):
+                    record.update(_evaluate(on_eval, step, run.prompt))
+                run.history.append(record)
+                run.step = step
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if checkpoints is not None and _due(step, config.checkpoint_every, config.steps):
+                    meta = {"step": step, "data_state": run.order.state(), "config": config.to_dict(),
+                            "model": model_meta, "history": run.history}
+                    checkpoints.save(step, run.prompt, run.opt_state, meta)
+                    run.last_saved = step
     finally:
         if checkpoints is not None:
             checkpoints.close()
 
+    shapes = sorted(run.shapes_used)
     metadata = {
         **model_meta,
         "prompt_length": config.prompt_length,
@@ -196,16 +141,94 @@ def tune(
         "steps": config.steps,
         "n_examples": len(pairs),
         "compilations": train_step.compilations - compiles_at_start,
-        "length_buckets_used": sorted({t for t, _ in shapes_used}),
-        "batch_shapes_used": sorted(shapes_used),
+        "length_buckets_used": sorted({t for t, _ in shapes}),
+        "batch_shapes_used": shapes,
         "truncated_inputs": encoder.n_truncated,
-        "data_state": order.state(),
-        "resumed_from_step": resumed_from,
+        "data_state": run.order.state(),
+        "resumed_from_step": run.resumed_from,
         "mesh": {DATA: int(mesh.shape[DATA]), MODEL: int(mesh.shape[MODEL])},
         "process_count": jax.process_count(),
         "train_time_s": time.perf_counter() - run_start,
     }
-    return TuneResult(prompt=_host_copy(prompt), history=history, config=config, metadata=metadata)
+    return TuneResult(prompt=_host_copy(run.prompt), history=run.history, config=config, metadata=metadata)
+
+
+@dataclasses.dataclass
+class _Run:
+    """The mutable state of one run: what a checkpoint restores."""
+
+    prompt: jax.Array
+    opt_state: object
+    order: DataOrder
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    resumed_from: int | None = None
+    last_saved: int | None = None
+    shapes_used: set = dataclasses.field(default_factory=set)  # (length bucket, answer width) this call
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or bool(every and step % every == 0)
+
+
+def _train_one_step(run: _Run, train_step, params, batch: dict, step: int) -> dict:
+    """One optimizer step (updates ``run``'s prompt and optimizer state) -> its history record."""
+    T, A = batch["tokens"].shape[1], batch["target_ids"].shape[1]
+    run.shapes_used.add((int(T), int(A)))
+    compiles_before = train_step.compilations
+    t0 = time.perf_counter()
+    run.prompt, run.opt_state, metrics = train_step(run.prompt, run.opt_state, params, batch)
+    metrics = jax.device_get(metrics)
+    return {
+        "step": step,
+        "loss": float(metrics["loss"]),
+        "grad_norm": float(metrics["grad_norm"]),
+        "n_targets": int(metrics["n_targets"]),
+        "seq_len": int(T),
+        "answer_width": int(A),
+        "epoch": run.order.epoch,
+        "step_time_s": time.perf_counter() - t0,
+        "compiled": train_step.compilations > compiles_before,
+        "finite": bool(metrics["finite"]),
+    }
+
+
+def _non_finite(run: _Run, record: dict, checkpoints) -> NonFiniteLossError:
+    where = (
+        f"the last good checkpoint is step {run.last_saved} in {checkpoints.directory}"
+        if checkpoints is not None and run.last_saved is not None
+        else "no checkpoint was written"
+    )
+    return NonFiniteLossError(
+        f"non-finite loss or gradient at step {record['step']} (loss={record['loss']}); tuning "
+        f"stopped and {where}. Lower TuneConfig.learning_rate or check the examples.",
+        step=record["step"],
+        last_good_prompt=_host_copy(run.prompt),  # the step kept the incoming values
+        history=run.history,
+    )
+
+
+def _resume(run: _Run, checkpoints: TuneCheckpoints, config: TuneConfig, model_meta: dict,
+            n_examples: int, repl) -> None:
+    """Load the newest readable checkpoint into ``run`` (nothing when the directory is empty)."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+        {"prompt": run.prompt, "opt_state": run.opt_state},
+    )
+    restored = checkpoints.restore_latest(abstract)
+    if restored is None:
+        return
+    step, state, meta = restored
+    _check_resumable(meta, config, model_meta, checkpoints.directory)
+    if step > config.steps:
+        raise ConfigError(
+            f"{checkpoints.directory}: the newest checkpoint is step {step}, past "
+            f"TuneConfig.steps={config.steps}; ask for at least {step} steps or use a new checkpoint_dir"
+        )
+    run.prompt, run.opt_state = state["prompt"], state["opt_state"]
+    run.order = DataOrder.from_state(meta["data_state"], n_examples)
+    run.history = list(meta["history"])
+    run.step = run.resumed_from = run.last_saved = step
 
 
 def _evaluate(on_eval, step: int, prompt) -> dict:
