@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct (float32), batch 8, greedy, <= 16 new tokens, stop at newl
 * recomputed: ``generate(lm, [demos + x for x in inputs])``: every example prefills the whole prompt.
 
 Both run in this process on the same cores, after a warm-up pass each (so compiles are excluded
-and reported apart), and must give the same outputs:
+and reported apart), in alternating timed passes, and must give the same outputs:
 
     python benchmarks/fewshot_prefix_cache.py [--n 64] [--shots 5] [--random-weights]
 """
@@ -41,15 +41,6 @@ def load_model(random_weights: bool):
     return lm
 
 
-def timed(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return times, result
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="capitals_mc")
@@ -77,14 +68,18 @@ def main(argv=None) -> None:
         "recomputed": lambda: gen.generate(lm, [demos + x for x in inputs], config=config),
     }
     results = {}
-    for name, run in modes.items():
+    for name, run in modes.items():  # warm-up: compiles every shape the timed passes use
         before = gen.compile_count()
         start = time.perf_counter()
         run()
-        warm_s = time.perf_counter() - start
-        compiles = gen.compile_count() - before
-        times, outputs = timed(run, args.repeats)
-        results[name] = dict(warm_s=warm_s, compiles=compiles, times=times, outputs=outputs)
+        results[name] = dict(warm_s=time.perf_counter() - start, compiles=gen.compile_count() - before, times=[])
+    load_before = os.getloadavg()[0]
+    for _ in range(args.repeats):  # alternate, so both modes meet the same background load
+        for name, run in modes.items():
+            start = time.perf_counter()
+            results[name]["outputs"] = run()
+            results[name]["times"].append(time.perf_counter() - start)
+    load_after = os.getloadavg()[0]
 
     rate = {k: args.n / statistics.median(r["times"]) for k, r in results.items()}
     same = sum(a == b for a, b in zip(results["cached"]["outputs"], results["recomputed"]["outputs"])) / args.n
@@ -92,10 +87,11 @@ def main(argv=None) -> None:
     input_tokens = statistics.mean(len(encode(lm.tokenizer, x)) for x in inputs)
     print(f"{lm.name}, {args.task} {args.shots}-shot, {args.n} items, batch {args.batch}, float32, "
           f"{args.threads} cores; prefix {len(encode(lm.tokenizer, demos))} tokens, "
-          f"inputs {input_tokens:.0f} tokens on average")  # fmt: skip
+          f"inputs {input_tokens:.0f} tokens on average; load average {load_before:.1f} -> "
+          f"{load_after:.1f}")  # fmt: skip
     for name, r in results.items():
-        print(f"  {name:10s}: warm-up {r['warm_s']:.1f}s ({r['compiles']} compiles), timed median "
-              f"{statistics.median(r['times']):.2f}s -> {rate[name]:.2f} examples/s")  # fmt: skip
+        print(f"  {name:10s}: warm-up {r['warm_s']:.1f}s ({r['compiles']} compiles), passes "
+              f"{', '.join(f'{t:.2f}' for t in r['times'])}s -> {rate[name]:.2f} examples/s")  # fmt: skip
     print(f"  identical outputs {same:.0%}, format-valid {valid:.0%}; sample {results['cached']['outputs'][0]!r}")
     speedup = rate["cached"] / rate["recomputed"]
     print(f"SUMMARY fewshot_prefix_cache: cached {rate['cached']:.2f} ex/s, recomputed "

@@ -195,8 +195,11 @@ def main() -> None:
           f"length {P + peft_len} (prompt + longest row)")
     print(f"compute bound: {flops / 1e9:.1f} GFLOP/step at {rate / 1e9:.1f} GFLOP/s (jitted float32 GEMMs "
           f"of the model's shapes) = {bound_s * 1e3:.1f} ms")
-    print(f"ratio spt_jax / PEFT        = {ours_s / theirs_s:.2f}  (target <= 0.70)")
-    print(f"ratio spt_jax / bound       = {ours_s / bound_s:.2f}  (target <= 2.00)")
+    # Medians and best-of-N both: on a shared machine the best times are the ones least disturbed.
+    print(f"ratio spt_jax / PEFT  = {ours_s / theirs_s:.2f} median, {min(ours) / min(theirs):.2f} best  "
+          "(target <= 0.70)")
+    print(f"ratio spt_jax / bound = {ours_s / bound_s:.2f} median, {min(ours) / bound_s:.2f} best  "
+          "(target <= 2.00)")
 
 
 if __name__ == "__main__":

@@ -462,7 +462,11 @@ def evaluate(
     tuning: dict | None = None
     soft_prompt = None
     for mode in config.modes:
-        log(f"{mode}: {len(items)} test items")
+        if mode == "soft_prompt" and saved_prompt is None:
+            log(f"{mode}: tuning {config.tune.steps} steps at batch {config.tune.batch_size} on "
+                f"{len(task.records('train'))} train examples, then {len(items)} test items")
+        else:
+            log(f"{mode}: {len(items)} test items")
         t0 = time.perf_counter()
         if mode == "zero_shot":
             inputs = [task.zero_shot_prompt(r) for r in records]

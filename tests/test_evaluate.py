@@ -365,10 +365,11 @@ def _skill_answer(lm, text, prefix_text, soft):
 
 def test_compare_tables_and_rank_correlations(monkeypatch, tmp_path):
     import spt_jax.generate
-    from spt_jax.tasks import register_task
+    import spt_jax.tasks
 
     monkeypatch.setattr(spt_jax.generate, "generate", scripted_generate(_skill_answer))
-    register_task(toy_task("toy_sums_compare"))
+    # registered for this test only (monkeypatch restores the registry)
+    monkeypatch.setitem(spt_jax.tasks._REGISTRY, "toy_sums_compare", toy_task("toy_sums_compare"))
     loaded = []
 
     def load_model(path, dtype="float32"):

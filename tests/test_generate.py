@@ -39,6 +39,7 @@ def char_tokenizer(with_bos: bool = True):
     )
 
 
+@functools.lru_cache(maxsize=None)  # an LM is immutable: tests share it (and its compiled functions)
 def tiny_lm(*, with_bos: bool = True, eos_token_ids: tuple[int, ...] = (), seed: int = 0, **overrides) -> LM:
     """A 2-layer random model whose weights are scaled up so attention and greedy choices are sharp."""
     tokenizer = char_tokenizer(with_bos)
@@ -119,7 +120,7 @@ def test_matches_naive_reference(use_soft, prefix_text, with_bos):
 
 def test_cached_prefix_equals_prefix_prepended(lm):
     prefix_text = "q: two\na: 2\n\nq: five\na: 5\n\nq: "
-    config = dataclasses.replace(NO_STOP, length_buckets=(16, 32, 64))
+    config = NO_STOP
     cached = gen.generate(lm, TEXTS, prefix_text=prefix_text, config=config)
     prefix = gen.prefix_cache(lm, None, prefix_text, length_buckets=config.length_buckets)
     reused = gen.generate(lm, TEXTS, prefix=prefix, config=config)
@@ -156,7 +157,7 @@ def test_stop_sequences_and_eos_cut_outputs(lm):
 
 def test_stop_rows_end_early_and_match_reference(lm):
     """With newline stops, rows stop at different steps; the others keep decoding correctly."""
-    config = gen.GenerationConfig(max_new_tokens=16, batch_size=3, length_buckets=(16, 64))
+    config = dataclasses.replace(NO_STOP, max_new_tokens=16, stop_sequences=("\n",))
     texts = ["a\nb", "zz", "what is it?\n", "a.b\nc", "hello"]
     got = gen.generate(lm, texts, soft_prompt=soft(lm, 2), config=config)
     want = [naive_generate(lm, t, soft_prompt=soft(lm, 2), max_new_tokens=16) for t in texts]
@@ -194,7 +195,7 @@ def test_long_inputs_are_cut_from_the_left_with_a_warning(lm):
 
 
 def test_more_texts_than_one_batch_keep_their_order(lm):
-    config = dataclasses.replace(NO_STOP, batch_size=2)
+    config = NO_STOP  # 6 texts: a full batch and one with two dummy rows
     together = gen.generate(lm, TEXTS, config=config)
     alone = [gen.generate(lm, [t], config=config)[0] for t in TEXTS]
     assert together == alone
