@@ -11,8 +11,9 @@ position -1, which attention ignores), prefilled in one call, and decoded by a `
 that stops early once every row has hit EOS or a stop token. Shapes depend only on (prefix bucket,
 input bucket, batch size, rounded max_new_tokens), so a run compiles a handful of times;
 `compile_counts` exposes the number of traces for tests and benchmarks. The prefix text's trailing
-whitespace is tokenized with each input rather than cached (see `PrefixCache`), so a cached prefix
-gives the same tokens as the prefix text prepended to every input.
+whitespace is tokenized with each input rather than cached (see `PrefixCache`), so with BPE
+tokenizers that split at whitespace (SmolLM2's, Gemma 3's) a cached prefix gives the same tokens
+as the prefix text prepended to every input.
 
 Stop sequences: a precomputed ``[V]`` mask of tokens whose text contains a stop sequence ends a row
 inside the loop (this catches newline tokens); the decoded text is then cut at the first stop
