@@ -31,7 +31,6 @@ GEMMA3_270M = dict(  # google/gemma-3-270m config.json
 def random_gemma3_270m():
     """An LM of Gemma-3-270M's exact shapes; weights drawn on device, leaf by leaf (no host copies)."""
     import jax
-    import jax.numpy as jnp
     import transformers
     from flax import nnx
 
@@ -49,7 +48,8 @@ def random_gemma3_270m():
         return sample(next(keys))
 
     params = jax.tree.map(draw, abstract)
-    return LM("gemma3-270m-random", config, graphdef, params, char_tokenizer()), "random weights, char tokenizer"
+    lm = LM("gemma3-270m-random", config, graphdef, params, char_tokenizer())
+    return lm, "random weights, char tokenizer"
 
 
 def load_model():
@@ -107,7 +107,8 @@ def main() -> None:
     if args.child:
         child(args.steps)
         return
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -117,10 +118,12 @@ def main() -> None:
     print(f"Gemma-3-270M ({report['source']}, {report['n_params'] / 1e6:.0f}M params, float32), "
           f"{args.steps} steps at batch 8, P=10")
     print(f"peak RSS      : {report['peak_rss_gb']:.2f} GB  (target <= 3 GB)")
-    print(f"compilations  : {report['compilations']} for {len(report['length_buckets_used'])} length bucket(s) "
+    buckets = report["length_buckets_used"]
+    print(f"compilations  : {report['compilations']} for {len(buckets)} length bucket(s) "
           f"{report['length_buckets_used']} / {len(shapes)} batch shape(s) {shapes}  "
           f"(target: compilations <= buckets used)")
-    print(f"median step   : {report['median_step_s']:.2f} s; loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}")
+    print(f"median step   : {report['median_step_s']:.2f} s; "
+          f"loss {report['first_loss']:.3f} -> {report['last_loss']:.3f}")
     ok = report["peak_rss_gb"] <= 3.0 and report["compilations"] <= len(shapes)
     print("targets met" if ok else "TARGETS MISSED")
 

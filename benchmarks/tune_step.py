@@ -214,7 +214,8 @@ def main() -> None:
     rate = statistics.median(rates)
     ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
     bound_s, best_bound_s = flops / rate, flops / max(rates)
-    print(f"SmolLM2-135M ({source}), float32, batch {B}, P={P} + {INPUT_LEN} input tokens, answers <= {MAX_ANSWER} "
+    print(f"SmolLM2-135M ({source}), float32, batch {B}, P={P} + {INPUT_LEN} input tokens, "
+          f"answers <= {MAX_ANSWER} "
           f"tokens ({n_targets} target tokens); {os.cpu_count()} cores, torch threads {args.threads}")
     print(f"spt_jax : {ours_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(ours) * 1e3:.1f}), "
           f"padded length {T} (bucket), answer width {A}, first call {compile_s:.1f} s, "

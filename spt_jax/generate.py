@@ -40,10 +40,14 @@ from spt_jax import tokens as tok
 from spt_jax.errors import ConfigError, DataError
 from spt_jax.models.transformer import KVCache, positions_from_mask
 
-# Powers of two with the 1.5x steps between them: an input pads by at most 50% (25% on average
-# over uniform lengths) rather than 100%, and prefill, which dominates CPU generation time, scales
-# with the padded length. A run over one task touches two or three of these, so compiles stay few.
-DEFAULT_BUCKETS: tuple[int, ...] = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# From 24 tokens on, neighbouring buckets differ by at most 4/3, so an input pads by at most a third
+# (powers of two would double it). On CPU, prefill dominates generation time and scales with the
+# padded length; one task's prompts differ by a few dozen tokens and touch two or three of these
+# buckets, so compiles stay few.
+DEFAULT_BUCKETS: tuple[int, ...] = (
+    16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1024,
+    1280, 1536, 2048, 2560, 3072, 4096,
+)  # fmt: skip
 _NEW_TOKEN_ROUNDING = 16  # max_new_tokens is rounded up to this for shapes, so 10 and 16 share a compile
 
 TRACE_COUNTS: collections.Counter = collections.Counter()

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_tune_support import arithmetic_examples, char_tokenizer, tiny_lm
+from test_tune_support import arithmetic_examples, tiny_lm
 
 from spt_jax import tune
 from spt_jax.errors import ConfigError, DataError, SptError
@@ -232,7 +232,7 @@ def test_prompt_file_round_trip_and_mismatch_errors(lm, tmp_path):
 
 def mixed_length_examples():
     short = arithmetic_examples(24)
-    long = [(f"Please add {a} and {b} now: {a}+{b}=", t) for (a, b), t in zip([(1, 2), (3, 4), (5, 6)], [" 3", " 7", " 11"])]
+    long = [(f"Please add {a} and {b} now: {a}+{b}=", f" {a + b}") for a, b in [(1, 2), (3, 4), (5, 6)]]
     return short + long
 
 
@@ -246,7 +246,9 @@ def test_tune_trains_only_the_prompt_and_compiles_once_per_bucket(lm, tmp_path):
         return {"prompt_norm": float(jnp.linalg.norm(prompt))}
 
     config = CONFIG.replace(steps=12, eval_every=5, checkpoint_every=5)
-    result = tune.tune(lm, mixed_length_examples(), config, checkpoint_dir=tmp_path, on_eval=on_eval, progress=False)
+    result = tune.tune(
+        lm, mixed_length_examples(), config, checkpoint_dir=tmp_path, on_eval=on_eval, progress=False
+    )
 
     assert calls == [0, 5, 10, 12]
     assert [h["step"] for h in result.history] == list(range(13))
@@ -363,6 +365,42 @@ def test_non_finite_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(lm
             }
         )
     np.testing.assert_array_equal(state["prompt"], good)
+
+
+def test_training_rows_and_generation_agree_on_the_layout(lm):
+    """Greedy generation with a prompt picks, token by token, the argmax of our training forward."""
+    from flax import nnx
+
+    from spt_jax.generate import GenerationConfig, generate
+    from spt_jax.models.transformer import positions_from_mask
+    from spt_jax.tune.data import Encoded
+    from spt_jax.tune.step import prompt_embeddings
+
+    prompt = tune.init_prompt(lm, "random", length=P, seed=5)
+    inputs = ["12+3=", "7+1=", "40+2=", "9+9+9="]
+    never = ("\x07",)  # a stop sequence outside the vocabulary: rows run to max_new_tokens or EOS
+    outputs = generate(lm, inputs, soft_prompt=prompt,
+                       config=GenerationConfig(max_new_tokens=6, stop_sequences=never))
+    assert any(outputs)
+    tok, eos = lm.tokenizer, lm.tokenizer.eos_token_id
+    layout = Layout.for_model(lm, CONFIG.replace(append_eos=False))
+    rows = []
+    for text, out in zip(inputs, outputs):  # teacher-force what was generated (+ EOS if it stopped)
+        generated = encode(tok, out) + ([eos] if len(encode(tok, out)) < 6 else [])
+        rows.append(Encoded(tuple(encode(tok, text)), tuple(generated), 0))
+    batch = collate(rows, layout)
+
+    @jax.jit
+    def greedy(prompt, params, batch):
+        model = nnx.merge(lm.graphdef, params)
+        hidden, _ = model(prompt_embeddings(model, prompt, batch), positions_from_mask(batch["valid"]),
+                          batch["valid"])
+        picked = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
+        return jnp.argmax(model.logits(picked), -1)
+
+    predicted = np.asarray(greedy(prompt, lm.params, batch))
+    mask = batch["target_mask"]
+    np.testing.assert_array_equal(predicted[mask], batch["target_ids"][mask])
 
 
 def test_tune_rejects_bad_arguments(lm):

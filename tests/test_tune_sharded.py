@@ -170,7 +170,8 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(model_dir, mes
         s.bind(("localhost", 0))
         port = str(s.getsockname()[1])
     out, checkpoints = tmp_path / "result.npz", tmp_path / "checkpoints"
-    procs = [run_worker(["host", str(model_dir), str(out), port, str(i), str(checkpoints)], 4) for i in (0, 1)]
+    args = ["host", str(model_dir), str(out), port]
+    procs = [run_worker([*args, str(i), str(checkpoints)], 4) for i in (0, 1)]
     for proc in procs:
         finish(proc)
     result = np.load(out)

@@ -72,7 +72,8 @@ class TuneConfig:
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
-                raise ConfigError(f"TuneConfig.{name}={value!r}; expected one of {', '.join(map(repr, choices))}")
+                expected = ", ".join(map(repr, choices))
+                raise ConfigError(f"TuneConfig.{name}={value!r}; expected one of {expected}")
         positive = ("prompt_length", "steps", "batch_size", "max_length", "keep_checkpoints")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -85,7 +86,9 @@ class TuneConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"TuneConfig.max_grad_norm={self.max_grad_norm!r}; expected > 0 or None")
         if self.init == "text" and not self.init_text:
-            raise ConfigError("TuneConfig.init='text' needs init_text (the text whose embeddings start the prompt)")
+            raise ConfigError(
+                "TuneConfig.init='text' needs init_text (the text whose embeddings start the prompt)"
+            )
         if self.max_length <= self.prompt_length + 2:
             raise ConfigError(
                 f"TuneConfig.max_length={self.max_length} leaves no room for text after a "

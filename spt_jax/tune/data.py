@@ -46,7 +46,8 @@ def as_pairs(examples) -> list[tuple[str, str]]:
                 f".input and .target, got {type(ex).__name__}"
             )
         if not all(isinstance(s, str) for s in pair):
-            raise DataError(f"example {i}: input and target must be strings, got {tuple(type(s).__name__ for s in pair)}")
+            kinds = tuple(type(s).__name__ for s in pair)
+            raise DataError(f"example {i}: input and target must be strings, got {kinds}")
         if not pair[1]:
             raise DataError(f"example {i}: empty target text (there is nothing to learn from it)")
         pairs.append(pair)

@@ -34,7 +34,9 @@ def export_peft(directory, prompt, lm, *, base_model_name_or_path: str | None = 
     array = np.asarray(prompt, np.float32)
     c = lm.config
     if array.ndim != 2 or array.shape[1] != c.d_model:
-        raise ConfigError(f"prompt shape {array.shape} does not fit model {lm.name!r} (expected [P, {c.d_model}])")
+        raise ConfigError(
+            f"prompt shape {array.shape} does not fit model {lm.name!r} (expected [P, {c.d_model}])"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
@@ -79,7 +81,8 @@ def import_peft(directory, lm=None) -> tuple[jax.Array, dict]:
         raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
     if config.get("peft_type") != "PROMPT_TUNING":
         raise ConfigError(
-            f"{config_path}: peft_type {config.get('peft_type')!r}; only 'PROMPT_TUNING' adapters hold a soft prompt"
+            f"{config_path}: peft_type {config.get('peft_type')!r}; only 'PROMPT_TUNING' adapters "
+            "hold a soft prompt"
         )
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise ConfigError(f"{config_path}: num_transformer_submodules must be 1 for a decoder-only model")
