@@ -76,11 +76,11 @@ def load(
     if path.is_dir():
         hf_config = hf_checkpoint.read_config(path)
         tensors = hf_checkpoint.iter_safetensors(hf_checkpoint.safetensors_files(path))
-        tokenizer = hf_checkpoint.load_tokenizer(path)
+        load_tokenizer = hf_checkpoint.load_tokenizer
     else:
         hf_config = gguf_io.read_gguf_config(path)
         tensors = gguf_io.iter_gguf_tensors(path)
-        tokenizer = gguf_io.load_gguf_tokenizer(path)
+        load_tokenizer = gguf_io.load_gguf_tokenizer
 
     config = config_from_hf(hf_config)
     abstract = nnx.eval_shape(
@@ -95,4 +95,7 @@ def load(
         n_layers=config.n_layers,
         shardings=shardings(abstract_state) if shardings is not None else None,
     )
+    # After the weights: a large vocabulary's tokenizer (Gemma 3: 262k) then doesn't sit on top
+    # of the loading peak.
+    tokenizer = load_tokenizer(path)
     return LM(name=name, config=config, graphdef=graphdef, params=params, tokenizer=tokenizer, dtype=dtype)

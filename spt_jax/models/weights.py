@@ -58,18 +58,28 @@ def load_params(
     """Stream ``tensors`` into a state shaped like ``abstract_state`` (from `nnx.eval_shape`).
 
     Stacked layer parameters carry a leading ``[L]`` axis; a rule's ``layer`` group picks the slot.
-    ``shardings``, a matching pytree of `jax.sharding.Sharding`, places each parameter as it is
-    finished; host buffers are released one parameter at a time so peak memory stays near one copy.
+    ``shardings``, a matching pytree of `jax.sharding.Sharding`, places each parameter on its
+    devices the moment its last slot is filled, and its host buffer is dropped then, so host memory
+    holds the unfinished stacked parameters and one source tensor, never a second full copy.
     """
     leaves = {
         _path_name(path): leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
     }
+    flat_shardings = (
+        {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+        if shardings is not None
+        else {}
+    )
     compiled = [(re.compile(rule.pattern), rule) for rule in family.rules]
     ignored = [re.compile(p) for p in family.ignore]
     buffers: dict[str, np.ndarray] = {}
+    placed: dict[str, jax.Array] = {}
     filled: dict[str, set[int]] = {}
     unexpected, shape_errors = [], []
+
+    def slots(path: str) -> set[int]:
+        return set(range(n_layers)) if path.startswith("layers.") else {0}
 
     for name, array in tensors:
         match = next(((m, r) for pat, r in compiled if (m := pat.fullmatch(name))), None)
@@ -93,20 +103,25 @@ def load_params(
             continue
         for path, part in zip(rule.targets, _to_targets(rule, array, target_shape)):
             leaf = leaves[path]
-            buf = buffers.get(path)
-            if buf is None:
-                buf = buffers[path] = np.empty(leaf.shape, leaf.dtype)
+            if path in placed:  # a duplicate tensor: keep the first, report it
+                unexpected.append(f"{name} (second tensor for {path})")
+                continue
             if stacked:
+                buf = buffers.get(path)
+                if buf is None:
+                    buf = buffers[path] = np.empty(leaf.shape, leaf.dtype)
                 buf[layer] = part
-            else:
-                buf[...] = part
-            filled.setdefault(path, set()).add(layer if stacked else 0)
+            else:  # no staging buffer: cast (a no-op when the dtype already matches) and place
+                buffers[path] = np.asarray(part, leaf.dtype)
+            done = filled.setdefault(path, set())
+            done.add(layer if stacked else 0)
+            if done == slots(path):
+                placed[path] = jax.device_put(buffers.pop(path), flat_shardings.get(path))
         del array, part  # drop the source tensor (and views of it) before reading the next
 
     missing = []
-    for path, leaf in leaves.items():
-        want = set(range(n_layers)) if path.startswith("layers.") else {0}
-        gaps = sorted(want - filled.get(path, set()))
+    for path in leaves:
+        gaps = sorted(slots(path) - filled.get(path, set()))
         if gaps:
             missing.append(path + (f" (layers {_ranges(gaps)})" if path.startswith("layers.") else ""))
     problems = (
@@ -118,19 +133,7 @@ def load_params(
         raise WeightsError(
             f"{source}: {len(problems)} problem(s) loading weights:\n  " + "\n  ".join(problems)
         )
-
-    flat_shardings = (
-        {_path_name(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
-        if shardings is not None
-        else {}
-    )
-
-    def place(path, leaf):
-        name = _path_name(path)
-        array = jax.device_put(buffers.pop(name), flat_shardings.get(name))
-        return array
-
-    return jax.tree_util.tree_map_with_path(place, abstract_state)
+    return jax.tree_util.tree_map_with_path(lambda path, _: placed[_path_name(path)], abstract_state)
 
 
 def _ranges(indices: list[int]) -> str:

@@ -40,8 +40,8 @@ class TuneConfig:
       length_buckets: allowed padded lengths (each <= max_length); None -> 32, 48, 64, 96, 128, ...
       remat: recompute each layer in the backward pass instead of storing its intermediates. On
         CPU it cuts the step's activation memory ~7x (1.3 GB -> 0.18 GB on Gemma-3-270M at
-        8 x 96 slots) at no measurable step-time cost, since the step is bound by memory traffic;
-        on an accelerator with memory to spare, False trades that memory for fewer FLOPs.
+        8 x 96 slots) for ~10% more step time (the step is bound by memory traffic as much as by
+        FLOPs); with memory to spare, False trades that memory for speed.
       append_eos: train the model to emit EOS after the target, so generation stops by itself.
       eval_every: call ``on_eval`` every this many steps (0: only at step 0 and at the end).
       checkpoint_every: save a checkpoint every this many steps (and at the end) when a
