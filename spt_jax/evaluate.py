@@ -35,6 +35,7 @@ import numpy as np
 
 from spt_jax import metrics
 from spt_jax.errors import ConfigError, DataError, close_names
+from spt_jax.tasks.files import read_mapping_file
 from spt_jax.tune.config import TuneConfig
 
 MODES = ("zero_shot", "few_shot", "soft_prompt")
@@ -670,36 +671,6 @@ class CompareConfig:
     correlate: tuple[tuple[str, str], ...] = ()
 
 
-def read_config_file(path: str | os.PathLike) -> dict:
-    """A YAML or JSON mapping; errors name the file and line."""
-    import yaml
-
-    path = Path(path).expanduser()
-    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
-        raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path} cannot be read: {e}") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path}, line {e.lineno}: malformed JSON ({e.msg})") from None
-    else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f", line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {path}{line}: malformed YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(data).__name__}")
-    return dict(data)
-
-
 def eval_config_from_dict(spec: Mapping | None, origin: str, base: EvalConfig | None = None) -> EvalConfig:
     """EvalConfig fields (plus tune shortcuts: steps, tune_batch_size, prompt_length, learning_rate)."""
     spec = dict(spec or {})
@@ -807,7 +778,7 @@ def _correlations_spec(value, eval_config: EvalConfig, models, origin) -> tuple[
 
 
 def load_compare_config(path: str | os.PathLike) -> CompareConfig:
-    return compare_config_from_dict(read_config_file(path), origin=f"config file {path}")
+    return compare_config_from_dict(read_mapping_file(path, "config file"), origin=f"config file {path}")
 
 
 def _score_of(results: Mapping, mode: str, metric: str) -> float | None:

@@ -353,34 +353,38 @@ def task_from_dict(spec: Mapping, *, base_dir: str | os.PathLike | None = None, 
         raise ConfigError(f"{origin}: {e}") from None
 
 
-def read_task_file(path: str | os.PathLike) -> dict:
-    """The parsed mapping in a .yaml/.yml/.json task file; ConfigError with the line on bad syntax."""
-    path = Path(path)
+def read_mapping_file(path: str | os.PathLike, what: str = "task file") -> dict:
+    """The mapping in a .yaml/.yml/.json file; ConfigError naming ``what``, the file and the line."""
+    path = Path(path).expanduser()
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
-        raise ConfigError(f"task file {path} must end in .yaml, .yml or .json")
+        raise ConfigError(f"{what} {path} must end in .yaml, .yml or .json")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"task file {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as e:
-        raise ConfigError(f"task file {path} cannot be read: {e}") from None
+        raise ConfigError(f"{what} {path} cannot be read: {e}") from None
     if path.suffix.lower() == ".json":
         try:
-            return json.loads(text)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"task file {path}, line {e.lineno}: malformed JSON ({e.msg})") from None
-    import yaml
+            raise ConfigError(f"{what} {path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+    else:
+        import yaml
 
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f", line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"task file {path}{line}: malformed YAML ({problem})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f", line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{what} {path}{line}: malformed YAML ({problem})") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} {path} must hold a mapping of fields, got {type(data).__name__}")
+    return dict(data)
 
 
 def load_task_file(path: str | os.PathLike) -> Task:
     """A Task from a YAML/JSON file; data paths are relative to the file's folder."""
     path = Path(path)
-    return task_from_dict(read_task_file(path), base_dir=path.resolve().parent, origin=f"task file {path}")
+    return task_from_dict(read_mapping_file(path), base_dir=path.resolve().parent, origin=f"task file {path}")
