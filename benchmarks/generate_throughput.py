@@ -14,7 +14,7 @@ The parent writes the weights once as a transformers checkpoint for the PyTorch 
 sides as two worker processes that load and warm up first (JAX compiles then; reported apart), then
 has them alternate batch by batch, so both meet the same background load on a shared machine,
 checks that their outputs agree and prints the examples/s ratio and a one-line summary. Both sides
-batch the prompts in the same order (spt_jax's own length sorting is not used here).
+get the same batches: the prompts sorted by length, as `spt_jax.generate` would batch them.
 """
 
 from __future__ import annotations
@@ -45,11 +45,16 @@ def _pin(threads: int) -> None:
 
 def prompts(n: int) -> list[str]:
     """Zero-shot word problems ending in "Answer:", so the answer starts on the same line (a bare
-    prompt makes this model open with a newline, and every row would stop at once)."""
+    prompt makes this model open with a newline, and every row would stop at once). Sorted by
+    length, as `spt_jax.generate` batches them; both sides get the same batches."""
+    from spt_jax.models import embedded, gguf_io
     from spt_jax.tasks import get_task
+    from spt_jax.tokens import encode
 
     task = get_task("arithmetic_gsm")
-    return [task.zero_shot_prompt(r) + "Answer:" for r in task.records("test")[:n]]
+    texts = [task.zero_shot_prompt(r) + "Answer:" for r in task.records("test")[:n]]
+    tokenizer = gguf_io.load_gguf_tokenizer(embedded.embedded_gguf_path(MODEL))
+    return sorted(texts, key=lambda t: -len(encode(tokenizer, t)))
 
 
 def write_checkpoint(directory: Path, random_weights: bool) -> None:
