@@ -7,7 +7,8 @@ Every sequence spt_jax builds has one layout, in training and in generation alik
 BOS appears only when the tokenizer adds one; the soft prompt sits right after it, directly before
 the text and never before padding; all texts are tokenized without special tokens. Positions count
 valid slots only, so padding (left in training, between prefix and input in a cached generation
-batch) never shifts a position.
+batch) never shifts a position. A cached prefix text keeps its trailing whitespace back and carries
+it onto each input (`generate.PrefixCache.carry`), so split tokenization equals the joined text's.
 """
 
 from __future__ import annotations
