@@ -2,8 +2,8 @@
 
 The device count is fixed when jax starts, so every check here runs in a fresh interpreter: this
 file is also the worker script (``python test_tune_sharded.py mesh8|host ...``). One process with 8
-CPU devices checks the sharding rules as the loader applies them and compares a (data=4, model=2)
-run with a single-device run; then two processes with 4 devices each (gloo collectives) run the same
+CPU devices checks the sharding rules as the loader applies them and compares runs on the meshes
+8x1, 4x2, 2x4 and 1x8 with a single-device run; then two processes with 4 devices each (gloo collectives) run the same
 tuning as one 8-device job, with checkpoints and a resume, and must reach the same prompt.
 """
 
@@ -103,9 +103,22 @@ def worker_mesh8(model_dir: str, out: str) -> None:
         raise AssertionError("batch 6 over a data axis of 4 was accepted")
     except ConfigError as e:
         assert "does not divide over the mesh's data axis of size 4" in str(e)
+    # Every mesh shape of 8 devices gives the single-device trajectory (batch 8 divides each data axis;
+    # a model axis wider than the 4 heads falls back to replicated weights, by rule).
+    sweep_config = config.replace(batch_size=8)
+    shapes = ((8, 1), (4, 2), (2, 4), (1, 8))
+    sweep = []
+    for data, model in shapes:
+        grid = tune.make_mesh(data=data, model=model)
+        lm_grid = models.load(model_dir, shardings=lambda s, grid=grid: tune.param_shardings(s, grid))
+        run = tune.tune(lm_grid, examples, sweep_config, mesh=grid, progress=False)
+        assert run.metadata["mesh"] == {"data": data, "model": model}
+        sweep.append([h["loss"] for h in run.history])
+    reference = tune.tune(local, examples, sweep_config, mesh=one, progress=False)
     np.savez(out, sharded=np.asarray(sharded.prompt), single=np.asarray(single.prompt),
              sharded_loss=[h["loss"] for h in sharded.history],
-             single_loss=[h["loss"] for h in single.history])
+             single_loss=[h["loss"] for h in single.history],
+             sweep_loss=np.array(sweep), sweep_reference=[h["loss"] for h in reference.history])
 
 
 def worker_host(model_dir: str, out: str, port: str, process_id: str, checkpoint_dir: str) -> None:
@@ -163,6 +176,12 @@ def mesh8(model_dir, tmp_path_factory):
 def test_sharded_mesh_matches_a_single_device(mesh8):
     np.testing.assert_allclose(mesh8["sharded_loss"], mesh8["single_loss"], rtol=1e-5)
     np.testing.assert_allclose(mesh8["sharded"], mesh8["single"], atol=1e-5)
+
+
+def test_every_mesh_shape_matches_a_single_device(mesh8):
+    assert mesh8["sweep_loss"].shape[0] == 4  # meshes 8x1, 4x2, 2x4, 1x8
+    for losses in mesh8["sweep_loss"]:
+        np.testing.assert_allclose(losses, mesh8["sweep_reference"], rtol=1e-5)
 
 
 def test_two_processes_match_one_and_resume_from_their_checkpoint(model_dir, mesh8, tmp_path):
