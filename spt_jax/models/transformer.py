@@ -158,8 +158,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x):  # [B, T, D]
         act = _ACTIVATIONS[self.activation]
-        up = self._linear(x, self.up_proj, self.up_bias)
-        h = act(self._linear(x, self.gate_proj, self.gate_bias)) * up if self.gate_proj is not None else act(up)
+        h = self._linear(x, self.up_proj, self.up_bias)  # [B, T, F]
+        if self.gate_proj is not None:  # GLU: act(gate) * up
+            h = act(self._linear(x, self.gate_proj, self.gate_bias)) * h
+        else:  # GPT-2: act(up)
+            h = act(h)
         return self._linear(h, self.down_proj, self.down_bias)
 
     def _linear(self, x, kernel, bias):
