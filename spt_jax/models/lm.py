@@ -46,16 +46,14 @@ class LM:
         return _logits(self.graphdef, self.params, tokens, mask)
 
     def generate_text(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy completion of one prompt; a quick check for notebooks (no cache, no batching)."""
-        tokens = list(self.tokenizer(prompt)["input_ids"])
-        eos = set(self.config.eos_token_ids) | {self.tokenizer.eos_token_id}
-        start = len(tokens)
-        for _ in range(max_new_tokens):
-            next_id = int(jnp.argmax(self.logits([tokens])[0, -1]))
-            if next_id in eos:
-                break
-            tokens.append(next_id)
-        return self.tokenizer.decode(tokens[start:], skip_special_tokens=True)
+        """Greedy completion of one prompt until EOS, for notebooks and quick checks.
+
+        A thin call into `spt_jax.generate.generate` (KV cache, one compile), not a second decoder.
+        """
+        from spt_jax.generate import GenerationConfig, generate
+
+        config = GenerationConfig(max_new_tokens=max_new_tokens, stop_sequences=(), batch_size=1)
+        return generate(self, [prompt], config=config)[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
