@@ -37,7 +37,7 @@ def random_gemma3_270m():
     from spt_jax.models import LM, DecoderLM, config_from_hf
 
     sys.path.insert(0, str(REPO / "tests"))
-    from test_tune_support import char_tokenizer
+    from tune_support import char_tokenizer
 
     config = config_from_hf(transformers.Gemma3TextConfig(**GEMMA3_270M))
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))

@@ -41,7 +41,7 @@ def make_checkpoint(directory: Path) -> None:
     import transformers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_tune_support import char_tokenizer
+    from tune_support import char_tokenizer
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M))

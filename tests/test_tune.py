@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_tune_support import arithmetic_examples, tiny_lm
+from tune_support import arithmetic_examples, tiny_lm
 
 from spt_jax import tune
 from spt_jax.errors import ConfigError, DataError, SptError

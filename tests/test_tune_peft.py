@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from test_tune_support import char_tokenizer
+from tune_support import char_tokenizer
 
 from spt_jax import tune
 from spt_jax.errors import ConfigError

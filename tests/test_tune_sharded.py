@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_tune_support import PYTHON, arithmetic_examples, char_tokenizer, subprocess_env  # noqa: E402
+from tune_support import PYTHON, arithmetic_examples, char_tokenizer, subprocess_env  # noqa: E402
 
 TIMEOUT_S = 300
 
