@@ -55,7 +55,7 @@ def main(argv=None) -> None:
 
     from spt_jax import generate as gen
     from spt_jax.tasks import get_task
-    from spt_jax.tokens import encode
+    from spt_jax.sequence import encode
 
     lm = load_model(args.random_weights)
     task = get_task(args.task)
@@ -69,10 +69,10 @@ def main(argv=None) -> None:
     }
     results = {}
     for name, run in modes.items():  # warm-up: compiles every shape the timed passes use
-        before = gen.compile_count()
+        before = lm.compiled.compilations()
         start = time.perf_counter()
         run()
-        results[name] = dict(warm_s=time.perf_counter() - start, compiles=gen.compile_count() - before, times=[])
+        results[name] = dict(warm_s=time.perf_counter() - start, compiles=lm.compiled.compilations() - before, times=[])
     load_before = os.getloadavg()[0]
     for _ in range(args.repeats):  # alternate, so both modes meet the same background load
         for name, run in modes.items():

@@ -49,7 +49,7 @@ def prompts(n: int) -> list[str]:
     length, as `spt_jax.generate` batches them; both sides get the same batches."""
     from spt_jax.models import embedded, gguf_io
     from spt_jax.tasks import get_task
-    from spt_jax.tokens import encode
+    from spt_jax.sequence import encode
 
     task = get_task("arithmetic_gsm")
     texts = [task.zero_shot_prompt(r) + "Answer:" for r in task.records("test")[:n]]
@@ -83,7 +83,7 @@ def jax_worker(args):
     """Load and warm up (compile); return info and a function that generates for batch ``i``."""
     from spt_jax import generate as gen
     from spt_jax import models
-    from spt_jax.tokens import encode
+    from spt_jax.sequence import encode
 
     lm = models.load(MODEL if not args.random_weights else args.workdir, dtype="float32")
     texts = prompts(args.n)
@@ -93,12 +93,12 @@ def jax_worker(args):
     for i in range(-(-args.n // args.batch)):  # compiles every bucket these batches use
         run_batch(i)
     lengths = [len(encode(lm.tokenizer, t)) for t in texts]
-    info = dict(first_s=time.perf_counter() - start, compiles=gen.compile_counts(),
+    info = dict(first_s=time.perf_counter() - start, compiles=dict(lm.compiled.traces),
                 prompt_tokens=(min(lengths), statistics.mean(lengths), max(lengths)))  # fmt: skip
 
     def checked(i: int) -> list[str]:
         outputs = run_batch(i)
-        assert gen.compile_counts() == info["compiles"], "a timed batch recompiled"
+        assert dict(lm.compiled.traces) == info["compiles"], "a timed batch recompiled"
         return outputs
 
     return info, checked
@@ -108,7 +108,7 @@ def torch_worker(args):
     import torch
     import transformers
 
-    from spt_jax.tokens import encode
+    from spt_jax.sequence import encode
 
     torch.set_num_threads(args.threads)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.workdir)

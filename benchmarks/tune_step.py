@@ -97,12 +97,12 @@ def spt_jax_step(lm, rows):
     import jax
 
     from spt_jax import tune
-    from spt_jax.tune.data import Encoded, Layout, collate, default_buckets
+    from spt_jax.sequence import Encoded, Layout, tuning_buckets
     from spt_jax.tune.mesh import replicated
 
     config = tune.TuneConfig(prompt_length=P, batch_size=B)
-    layout = Layout(bos=(1,), eos=(), pad_id=2, prompt_length=P, max_length=512, buckets=default_buckets(512))
-    batch = collate([Encoded((*inp,), (*ans,), 0) for inp, ans in rows], layout)
+    layout = Layout(bos=(1,), eos=(), pad_id=2, prompt_length=P, max_length=512, buckets=tuning_buckets(512))
+    batch = layout.training_batch([Encoded((*inp,), (*ans,), 0) for inp, ans in rows])
     mesh = tune.make_mesh(1, 1, devices=jax.devices()[:1])
     step = tune.make_train_step(lm, config, mesh)
     prompt = jax.device_put(tune.init_prompt(lm, config), replicated(mesh))

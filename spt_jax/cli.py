@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,17 +22,12 @@ from spt_jax.errors import ConfigError, SptError
 PROG = "spt-jax"
 EXIT_USAGE = 2
 
-# Defaults of `spt-jax run`, chosen so the whole protocol on Gemma-3-270M finishes in under 15 minutes
-# on 2 CPU cores (see experiments/README.md for the measured time). The method's own numbers (80 steps
-# at batch 8, k=5) are kept; the test split is sampled to DEFAULT_N_TEST items, and the tuning curve
-# evaluates DEFAULT_N_CURVE validation items every DEFAULT_EVAL_EVERY steps.
+# What only the command line decides: the model, task and folder of the main job. Every other
+# default comes from the config dataclasses (`EvalConfig`, `TuneConfig`), so the CLI, compare
+# configs and the library agree by construction.
 DEFAULT_MODEL = "gemma3-270m"
 DEFAULT_TASK = "capitals_mc"
 DEFAULT_OUT = "results"
-DEFAULT_N_TEST = 200
-DEFAULT_EVAL_EVERY = 10
-DEFAULT_N_CURVE = 64
-DEFAULT_BATCH_SIZE = 16
 
 
 class UsageError(SptError):
@@ -76,21 +72,50 @@ def _n_test(text: str) -> int | None:
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from spt_jax.evaluate import MODES
+    """Comma-separated mode names or aliases (from the mode registry); "all" for every mode."""
+    from spt_jax.evaluate.modes import generation_mode_names, mode_by_spelling
 
-    aliases = {"zero-shot": "zero_shot", "few-shot": "few_shot", "soft-prompt": "soft_prompt",
-               "zero": "zero_shot", "few": "few_shot", "soft": "soft_prompt", "all": ",".join(MODES)}
     modes = []
-    for part in text.split(","):
-        part = aliases.get(part.strip(), part.strip())
-        modes += part.split(",")
-    for mode in modes:
-        if mode not in MODES:
-            from spt_jax.errors import close_names
-
-            raise argparse.ArgumentTypeError(f"unknown mode {mode!r}{close_names(mode, MODES)}; "
-                                             f"modes are {', '.join(MODES)}")
+    for part in (p.strip() for p in text.split(",")):
+        if part == "all":
+            modes += generation_mode_names()
+            continue
+        try:
+            modes.append(mode_by_spelling(part).name)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return tuple(dict.fromkeys(modes))
+
+
+def _eval_default(name: str):
+    from spt_jax.evaluate.config import EvalConfig, default_of
+
+    return default_of(EvalConfig, name)
+
+
+def _tune_default(name: str):
+    from spt_jax.evaluate.config import default_of
+    from spt_jax.tune import TuneConfig
+
+    return default_of(TuneConfig, name)
+
+
+# EvalConfig fields set by a flag of the same name: (argparse type, help). Defaults come from EvalConfig.
+_EVAL_FLAGS = {
+    "n_test": (_n_test, "test items, a seeded sample ('all' for the whole split)"),
+    "k": (_non_negative_int, "few-shot demonstrations"),
+    "batch_size": (_positive_int, "generation batch size"),
+    "max_new_tokens": (_positive_int, "generation budget (default: the task's)"),
+}
+_CURVE_FLAGS = {
+    "eval_every": (_non_negative_int, "tuning steps between validation checks of the validity curve; 0: none"),
+    "n_curve": (_positive_int, "validation items in the validity curve"),
+}
+# The TuneConfig knobs with a flag: the same names compare configs use (`TUNE_SHORTCUTS`).
+_TUNE_TYPES = {int: _positive_int, float: _positive_float}
+
+
+DEFAULT_N_TEST = _eval_default("n_test")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,15 +123,25 @@ def _modes(text: str) -> tuple[str, ...]:
 
 
 def _add_model_task(p, *, defaults: bool) -> None:
+    from spt_jax.evaluate.config import DTYPES
+
     p.add_argument("--model", default=DEFAULT_MODEL if defaults else None, required=not defaults,
                    help="embedded model name, checkpoint directory or .gguf file"
                         + (f" (default: {DEFAULT_MODEL})" if defaults else ""))
     p.add_argument("--task", default=DEFAULT_TASK if defaults else None, required=not defaults,
                    help="task name (see 'spt-jax tasks') or a .yaml/.json task file"
                         + (f" (default: {DEFAULT_TASK})" if defaults else ""))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default: float32; bfloat16 on TPU/GPU)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed for sampling, demos, tuning")
+    p.add_argument("--dtype", default=_eval_default("dtype"), choices=DTYPES,
+                   help=f"compute dtype (default: {_eval_default('dtype')}; bfloat16 on TPU/GPU)")
+    p.add_argument("--seed", type=_non_negative_int, default=_eval_default("seed"),
+                   help="seed for sampling, demos, tuning")
+
+
+def _add_config_flags(p, table: dict) -> None:
+    for name, (kind, text) in table.items():
+        default = _eval_default(name)
+        shown = "" if "(default" in text else f" (default: {'all' if default is None else default})"
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default, help=text + shown)
 
 
 def _add_output(p) -> None:
@@ -121,30 +156,24 @@ def _add_output(p) -> None:
 
 
 def _add_tuning(p) -> None:
-    p.add_argument("--steps", type=_non_negative_int, default=None, help="tuning steps (default: 80)")
-    p.add_argument("--tune-batch-size", type=_positive_int, default=None, help="tuning batch size (default: 8)")
-    p.add_argument("--prompt-length", type=_positive_int, default=None,
-                   help="soft-prompt vectors P (default: 10)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="tuning learning rate")
-    p.add_argument("--eval-every", type=_non_negative_int, default=DEFAULT_EVAL_EVERY,
-                   help=f"steps between validation checks for the validity curve; 0: none "
-                        f"(default: {DEFAULT_EVAL_EVERY})")
-    p.add_argument("--n-curve", type=_positive_int, default=DEFAULT_N_CURVE,
-                   help=f"validation items in the validity curve (default: {DEFAULT_N_CURVE})")
+    from spt_jax.evaluate.config import TUNE_SHORTCUTS
+
+    for flag_name, field in TUNE_SHORTCUTS.items():
+        default = _tune_default(field)
+        flags = ["--" + flag_name.replace("_", "-")] + (["--lr"] if field == "learning_rate" else [])
+        p.add_argument(*flags, dest=flag_name, type=_TUNE_TYPES[type(default)], default=None,
+                       help=f"TuneConfig.{field} (default: {default})")
+    _add_config_flags(p, _CURVE_FLAGS)
 
 
 def _add_eval(p, *, modes_default) -> None:
-    p.add_argument("--n-test", type=_n_test, default=DEFAULT_N_TEST,
-                   help=f"test items, a seeded sample (default: {DEFAULT_N_TEST}; 'all' for the whole split)")
-    p.add_argument("--k", type=_non_negative_int, default=5, help="few-shot demonstrations (default: 5)")
+    from spt_jax.evaluate.modes import generation_mode_names
+
+    _add_config_flags(p, _EVAL_FLAGS)
     p.add_argument("--modes", type=_modes, default=modes_default,
-                   help="comma-separated modes: zero_shot, few_shot, soft_prompt"
+                   help=f"comma-separated modes: {', '.join(generation_mode_names())}"
                         + (f" (default: {','.join(modes_default)})" if modes_default else ""))
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                   help=f"generation batch size (default: {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                   help="generation budget (default: the task's)")
-    p.add_argument("--no-loglik", action="store_true",
+    p.add_argument("--no-loglik", dest="loglik", action="store_false", default=_eval_default("loglik"),
                    help="skip the log-likelihood choice accuracy of multiple-choice tasks")
 
 
@@ -159,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Evaluate a model on a task in zero-shot, k-shot and soft-prompt modes "
                                      "(tuning the prompt on the train split), write results and print the table.")
     _add_model_task(run, defaults=True)
-    _add_eval(run, modes_default=("zero_shot", "few_shot", "soft_prompt"))
+    _add_eval(run, modes_default=_eval_default("modes"))
     _add_tuning(run)
     _add_output(run)
 
@@ -168,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the per-step history and the validity curve.")
     _add_model_task(tune, defaults=True)
     _add_tuning(tune)
-    tune.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                      help=f"generation batch size of the curve evaluations (default: {DEFAULT_BATCH_SIZE})")
+    tune.add_argument("--batch-size", type=_positive_int, default=_eval_default("batch_size"),
+                      help=f"generation batch size of the curve evaluations (default: {_eval_default('batch_size')})")
     tune.add_argument("--checkpoint-dir", default=None, help="resume from / save tuning checkpoints here")
     _add_output(tune)
 
@@ -224,30 +253,22 @@ def _label(*parts: str) -> str:
 
 
 def _tune_config(args):
-    from spt_jax.evaluate import tune_config_with
+    from spt_jax.evaluate.config import TUNE_SHORTCUTS, tune_config_with
     from spt_jax.tune import TuneConfig
 
     changes = {"seed": args.seed}
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.tune_batch_size is not None:
-        changes["batch_size"] = args.tune_batch_size
-    if args.prompt_length is not None:
-        changes["prompt_length"] = args.prompt_length
-    if args.lr is not None:
-        changes["learning_rate"] = args.lr
+    changes.update({field: getattr(args, flag) for flag, field in TUNE_SHORTCUTS.items()
+                    if getattr(args, flag) is not None})
     return tune_config_with(TuneConfig(), changes, "command line")
 
 
-def _eval_config(args, *, modes, tune=None, prompt_file=None, eval_every=0, n_curve=64):
-    from spt_jax.evaluate import EvalConfig
+def _eval_config(args, **fields):
+    """The EvalConfig of a command: every EvalConfig field the command has a flag for, plus ``fields``."""
+    from spt_jax.evaluate.config import EvalConfig
 
-    fields = dict(modes=modes, k=args.k, seed=args.seed, n_test=args.n_test, eval_every=eval_every,
-                  n_curve=n_curve, batch_size=args.batch_size, dtype=args.dtype, loglik=not args.no_loglik,
-                  max_new_tokens=args.max_new_tokens, prompt_file=prompt_file)
-    if tune is not None:
-        fields["tune"] = tune
-    return EvalConfig(**fields)
+    from_flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)
+                  if f.name != "tune" and hasattr(args, f.name)}
+    return EvalConfig(**{**from_flags, **fields})
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", log=None):
@@ -293,9 +314,7 @@ def _results_dir(args, label: str, marker: str):
 
 
 def cmd_run(args) -> int:
-    config = _eval_config(args, modes=args.modes, tune=_tune_config(args), eval_every=args.eval_every,
-                          n_curve=args.n_curve)
-    return _evaluate_command(args, config, "run")
+    return _evaluate_command(args, _eval_config(args, tune=_tune_config(args)), "run")
 
 
 def cmd_eval(args) -> int:
@@ -307,18 +326,16 @@ def cmd_eval(args) -> int:
                           "'spt-jax run' tunes one")
     if args.prompt and not Path(args.prompt).expanduser().exists():
         raise ConfigError(f"prompt file {args.prompt} does not exist")
-    config = _eval_config(args, modes=modes, prompt_file=args.prompt)
+    config = _eval_config(args, modes=modes, prompt_file=args.prompt, eval_every=0)
     return _evaluate_command(args, config, "eval")
 
 
 def cmd_tune(args) -> int:
-    from spt_jax.evaluate import EvalConfig, PROMPT_FILE, TUNING_FILE, check_inputs, tune_outputs
+    from spt_jax.evaluate import PROMPT_FILE, TUNING_FILE, check_inputs, tune_outputs
     from spt_jax.tasks import get_task
 
     log = _log(args)
-    config = EvalConfig(modes=("soft_prompt",), seed=args.seed, tune=_tune_config(args),
-                        eval_every=args.eval_every, n_curve=args.n_curve, batch_size=args.batch_size,
-                        dtype=args.dtype, loglik=False)
+    config = _eval_config(args, modes=("soft_prompt",), tune=_tune_config(args), loglik=False)
     task = get_task(args.task)
     check_inputs(task, config)
     with _results_dir(args, _label(args.model, task.name, "tune"), TUNING_FILE) as out:

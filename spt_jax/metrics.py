@@ -18,6 +18,7 @@ result drops straight into ``json.dumps``; NaN marks an undefined value). Bad in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import warnings
@@ -255,10 +256,68 @@ def bootstrap_interval(
 # one mode on one benchmark
 
 
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A per-run metric, declared once: results rows, the table, the plots, compare and the schema
+    document all read `METRICS`.
+
+    ``estimate(valid, hits, confidence, n_resamples, seed)`` returns ``{"value", "low", "high"}``;
+    ``hits`` is correct AND valid. ``reference`` says whether it means anything for a format-free
+    reference scorer (whose answers are valid by construction); ``shown`` whether the results table
+    and the plot show it (a variant interval may live in results.json only).
+    """
+
+    name: str
+    label: str
+    description: str
+    estimate: Callable[..., dict]
+    reference: bool = True
+    shown: bool = True
+
+
+def _format_validity(valid, hits, confidence, n_resamples, seed) -> dict:
+    n, n_valid = len(valid), int(valid.sum())
+    return _estimate(n_valid / n, *wilson_interval(n_valid, n, confidence))
+
+
+def _accuracy(valid, hits, confidence, n_resamples, seed) -> dict:
+    n, n_correct = len(valid), int(hits.sum())
+    return _estimate(n_correct / n, *wilson_interval(n_correct, n, confidence))
+
+
+def _knowledge_accuracy(valid, hits, confidence, n_resamples, seed) -> dict:
+    return _estimate(_hits_among(valid, hits), *wilson_interval(int(hits.sum()), int(valid.sum()), confidence))
+
+
+def _knowledge_accuracy_bootstrap(valid, hits, confidence, n_resamples, seed) -> dict:
+    interval = _percentile_interval(
+        _bootstrap_distribution(_hits_among, (valid, hits), n_resamples, seed), confidence
+    )
+    return _estimate(_hits_among(valid, hits), *interval)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("format_validity", "format validity", "valid / n: did the model produce the required format?",
+           _format_validity, reference=False),
+    Metric("accuracy", "accuracy", "correct / n: the usual headline number; an unparsable answer is wrong",
+           _accuracy),
+    Metric("knowledge_accuracy", "knowledge accuracy",
+           "correct / valid: what the model knows once the format is out of the way", _knowledge_accuracy,
+           reference=False),
+    Metric("knowledge_accuracy_bootstrap", "knowledge accuracy (bootstrap)",
+           "knowledge accuracy with a percentile bootstrap interval over all items", _knowledge_accuracy_bootstrap,
+           reference=False, shown=False),
+)
+
+
+def metric_names(*, shown_only: bool = False) -> tuple[str, ...]:
+    return tuple(m.name for m in METRICS if m.shown or not shown_only)
+
+
 def summarize(
     valid, correct, confidence: float = 0.95, n_resamples: int = 2000, seed: int | None = 0
 ) -> dict:
-    """Format validity, accuracy and knowledge accuracy of one run, each with an interval.
+    """Every metric of `METRICS` for one run, each with an interval.
 
     Returns a JSON-ready dict::
 
@@ -282,21 +341,10 @@ def summarize(
     n_resamples = _check_n_resamples(n_resamples)
 
     hits = correct & valid  # an invalid output is wrong, whatever `correct` says
-    n_valid, n_correct = int(valid.sum()), int(hits.sum())
-    knowledge = _hits_among(valid, hits)
-    bootstrap = _percentile_interval(
-        _bootstrap_distribution(_hits_among, (valid, hits), n_resamples, seed), confidence
-    )
-    return {
-        "n": n,
-        "n_valid": n_valid,
-        "n_correct": n_correct,
-        "confidence": confidence,
-        "format_validity": _estimate(n_valid / n, *wilson_interval(n_valid, n, confidence)),
-        "accuracy": _estimate(n_correct / n, *wilson_interval(n_correct, n, confidence)),
-        "knowledge_accuracy": _estimate(knowledge, *wilson_interval(n_correct, n_valid, confidence)),
-        "knowledge_accuracy_bootstrap": _estimate(knowledge, *bootstrap),
-    }
+    out = {"n": n, "n_valid": int(valid.sum()), "n_correct": int(hits.sum()), "confidence": confidence}
+    for metric in METRICS:
+        out[metric.name] = metric.estimate(valid, hits, confidence, n_resamples, seed)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Results as people read them: markdown tables and matplotlib PNG plots.
 
 Everything here reads the plain results dicts that `spt_jax.evaluate` writes (results.json,
-compare.json), so a table or plot can be redrawn later from the files alone.
+compare.json), so a table or plot can be redrawn later from the files alone. Columns and labels come
+from the registries: metrics from `spt_jax.metrics.METRICS`, modes from `spt_jax.evaluate.modes`.
 """
 
 from __future__ import annotations
@@ -10,19 +11,14 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-METRIC_LABELS = {
-    "format_validity": "format validity",
-    "accuracy": "accuracy",
-    "knowledge_accuracy": "knowledge acc.",
-}
-MODE_LABELS = {
-    "zero_shot": "zero-shot",
-    "few_shot": "few-shot",
-    "soft_prompt": "soft prompt",
-    "loglik": "log-lik. choice (ref.)",
-}
+from spt_jax.errors import ConfigError
+from spt_jax.evaluate.modes import get_mode, mode_label
+from spt_jax.metrics import METRICS
+
+METRIC_LABELS = {m.name: m.label for m in METRICS}
 METRICS_PLOT = "metrics_by_mode.png"
 CURVE_PLOT = "tuning_curve.png"
+PLOT_FILES = (METRICS_PLOT, CURVE_PLOT)
 
 
 def _is_number(value) -> bool:
@@ -46,13 +42,11 @@ def fmt_seconds(seconds) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def mode_label(row: Mapping) -> str:
-    label = MODE_LABELS.get(row["mode"], row["mode"])
-    if row["mode"] == "few_shot" and row.get("k") is not None:
-        label = f"{row['k']}-shot"
-    if row["mode"] == "soft_prompt" and row.get("tuning_steps") is not None:
-        label = f"soft prompt ({row['tuning_steps']} steps)"
-    return label
+def _mode_name_label(name: str) -> str:
+    try:
+        return get_mode(name).label
+    except ConfigError:  # a mode no longer registered shows its name
+        return name
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -62,29 +56,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def results_table(results: Mapping) -> str:
-    """One row per mode: n, format validity, accuracy, knowledge accuracy (with intervals), time."""
+    """One row per mode: n, each shown metric (with intervals), time. References show "-" for the
+    metrics that mean nothing without a format (format validity, knowledge accuracy)."""
+    shown = [m for m in METRICS if m.shown]
     confidence = None
     rows = []
     for row in results["results"]:
         confidence = row.get("confidence", confidence)
-        reference = row.get("reference") or row["mode"] == "loglik"
-        rows.append([
-            mode_label(row),
-            str(row["n"]),
-            "-" if reference else fmt_estimate(row["format_validity"]),
-            fmt_estimate(row["accuracy"]),
-            "-" if reference else fmt_estimate(row["knowledge_accuracy"]),
-            fmt_seconds(row.get("wall_time_s")),
-        ])
+        reference = row.get("reference", False)
+        cells = ["-" if reference and not m.reference else fmt_estimate(row.get(m.name)) for m in shown]
+        rows.append([mode_label(row), str(row["n"]), *cells, fmt_seconds(row.get("wall_time_s"))])
     level = f"{round(100 * confidence)}% " if _is_number(confidence) else ""
-    header = ["mode", "n", f"format validity [{level}CI]", "accuracy", "knowledge accuracy", "time"]
+    header = ["mode", "n", *[m.label + (f" [{level}CI]" if i == 0 else "") for i, m in enumerate(shown)], "time"]
     return _table(header, rows)
 
 
 def comparisons_table(results: Mapping) -> str:
     rows = []
     for c in results.get("comparisons", []):
-        rows.append([MODE_LABELS.get(c["mode_a"], c["mode_a"]), MODE_LABELS.get(c["mode_b"], c["mode_b"]),
+        rows.append([_mode_name_label(c["mode_a"]), _mode_name_label(c["mode_b"]),
                      METRIC_LABELS.get(c["metric"], c["metric"]), f"{c['difference']:+.3f}",
                      f"{c['b']} / {c['c']}", f"{c['p_value']:.3g}", c["method"]])
     if not rows:
@@ -147,7 +137,7 @@ def compare_markdown(summary: Mapping) -> str:
                 value = model_scores.get(mode, {}).get(metric)
                 cells.append(f"{value:.3f}" if _is_number(value) else "n/a")
             rows.append([model_name, role, *cells])
-        parts += [f"\n## {task_name}\n\n", _table(["model", "role", *[MODE_LABELS.get(m, m) for m in modes]], rows)]
+        parts += [f"\n## {task_name}\n\n", _table(["model", "role", *[_mode_name_label(m) for m in modes]], rows)]
         correlations = block.get("rank_correlations", [])
         if correlations:
             corr_rows = []
@@ -178,23 +168,23 @@ def plot_metrics_by_mode(results: Mapping, path: str | Path) -> Path:
     """Grouped bars: format validity, accuracy, knowledge accuracy per mode, with interval whiskers."""
     plt = _pyplot()
     rows = list(results["results"])
-    names = list(METRIC_LABELS)
-    width = 0.8 / len(names)
+    shown = [m for m in METRICS if m.shown]
+    width = 0.8 / len(shown)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * len(rows) + 2), 4.0))
-    for j, metric in enumerate(names):
+    for j, metric in enumerate(shown):
         xs, values, lows, highs = [], [], [], []
         for i, row in enumerate(rows):
-            estimate = row.get(metric) or {}
+            estimate = row.get(metric.name) or {}
             value = estimate.get("value")
-            if not _is_number(value) or (row.get("reference") and metric != "accuracy"):
+            if not _is_number(value) or (row.get("reference") and not metric.reference):
                 continue
             low = estimate.get("low") if _is_number(estimate.get("low")) else value
             high = estimate.get("high") if _is_number(estimate.get("high")) else value
-            xs.append(i + (j - (len(names) - 1) / 2) * width)
+            xs.append(i + (j - (len(shown) - 1) / 2) * width)
             values.append(value)
             lows.append(max(value - low, 0.0))
             highs.append(max(high - value, 0.0))
-        ax.bar(xs, values, width, yerr=[lows, highs], capsize=3, label=METRIC_LABELS[metric])
+        ax.bar(xs, values, width, yerr=[lows, highs], capsize=3, label=metric.label)
     ax.set_xticks(range(len(rows)), [mode_label(r) for r in rows], rotation=0)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate")
@@ -252,6 +242,7 @@ def write_plots(results: Mapping, out_dir: str | Path) -> dict:
 
 __all__ = [
     "CURVE_PLOT",
+    "PLOT_FILES",
     "METRICS_PLOT",
     "compare_markdown",
     "comparisons_table",

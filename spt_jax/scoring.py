@@ -12,7 +12,6 @@ and the vocabulary projection runs only at the continuation positions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -20,23 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spt_jax import tokens as tok
+from spt_jax import sequence as seq
 from spt_jax.errors import ConfigError, DataError
-from spt_jax.generate import (
-    TRACE_COUNTS,
-    DEFAULT_BUCKETS,
-    PrefixCache,
-    PrefixKV,
-    progress_bar,
-    resolve_prefix,
-    batch_cache,
-    bucket_length,
-    left_pad,
-    truncate_left,
-)
 from spt_jax.models.transformer import positions_from_mask
-
-_MIN_CONTINUATION_BUCKET = 4  # continuation lengths round up to a power of two at least this
+from spt_jax.prefix import PrefixCache, PrefixKV, batch_cache, progress_bar, resolve_prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +34,6 @@ class LoglikelihoodResult:
     n_tokens: np.ndarray  # [N] int, continuation tokens scored
 
 
-def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation ids as lm-evaluation-harness splits them (``_encode_pair``)."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tok.encode(tokenizer, context + continuation)
-    context_ids = tok.encode(tokenizer, context)
-    return whole[: len(context_ids)], whole[len(context_ids) :]
-
-
 def score_continuations(
     lm,
     contexts: Sequence[str],
@@ -68,7 +43,7 @@ def score_continuations(
     prefix_text: str = "",
     prefix: PrefixCache | None = None,
     batch_size: int = 8,
-    length_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    length_buckets: Sequence[int] = seq.GENERATION_BUCKETS,
     progress: bool = False,
 ) -> LoglikelihoodResult:
     """Log-likelihood and greedy match of each continuation after ``[prefix] + context``.
@@ -85,7 +60,7 @@ def score_continuations(
     if not n:
         return LoglikelihoodResult(np.zeros(0), np.zeros(0, bool), np.zeros(0, np.int64))
     limit = min(lm.config.max_position_embeddings - prefix.length, max(length_buckets))
-    pairs = [split_pair(lm.tokenizer, prefix.join(c), x) for c, x in zip(contexts, continuations)]
+    pairs = [seq.split_pair(lm.tokenizer, prefix.join(c), x) for c, x in zip(contexts, continuations)]
     for i, (context_ids, cont_ids) in enumerate(pairs):
         if len(cont_ids) > limit - (1 if prefix.length == 0 else 0):
             raise DataError(
@@ -97,21 +72,22 @@ def score_continuations(
                 f"context {i} tokenizes to nothing and there is no BOS, soft prompt or prefix text, "
                 "so the continuation's first token has nothing to be predicted from"
             )
-    seqs = truncate_left([c + x for c, x in pairs], limit, what="context + continuation pairs")
+    seqs = seq.truncate_all_left([c + x for c, x in pairs], limit, what="context + continuation pairs")
     n_cont = np.array([len(x) for _, x in pairs])
 
     logprob = np.zeros(n, np.float64)
     greedy = np.ones(n, bool)
     order = sorted(range(n), key=lambda i: -len(seqs[i]))
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    pad_id = lm.tokenizer.pad_token_id or 0
+    pad = seq.pad_id(lm)
+    run = lm.compiled.jit("score", _score_batch, static_argnames=("graphdef", "width"))
     for batch in progress_bar(batches, progress, "score"):
         rows = [seqs[i] for i in batch] + [[]] * (batch_size - len(batch))
         conts = np.zeros(batch_size, np.int32)
         conts[: len(batch)] = n_cont[batch]
-        ids, valid = left_pad(rows, bucket_length(max(map(len, rows)), length_buckets), pad_id)
-        width = max(_MIN_CONTINUATION_BUCKET, 1 << max(int(conts.max()) - 1, 0).bit_length())
-        token_logprobs, token_greedy = _score_batch(
+        ids, valid = seq.left_pad(rows, seq.bucket_length(max(map(len, rows)), length_buckets), pad)
+        width = seq.pow2_width(int(conts.max()), seq.MIN_CONTINUATION_WIDTH)
+        token_logprobs, token_greedy = run(
             lm.graphdef, lm.params, prefix.kv, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(conts),
             width=width,
         )  # fmt: skip
@@ -130,7 +106,7 @@ def loglikelihoods(
     prefix_text: str = "",
     prefix: PrefixCache | None = None,
     batch_size: int = 8,
-    length_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    length_buckets: Sequence[int] = seq.GENERATION_BUCKETS,
     progress: bool = False,
 ) -> np.ndarray:
     """Summed log-probability ``[N]`` (float64) of each continuation given its context."""
@@ -140,14 +116,12 @@ def loglikelihoods(
     ).loglikelihood  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "width"))
 def _score_batch(graphdef, params, prefix: PrefixKV, ids, valid, n_cont, *, width: int):
     """Per continuation token ``[B, width]``: log-probability and whether it is the argmax.
 
     The continuation fills the last ``n_cont`` slots of each left-padded row. Its first token is
     predicted by the slot before it, or by the prefix's last token when the context is empty.
     """
-    TRACE_COUNTS["score"] += 1
     model = nnx.merge(graphdef, params)
     B, T = ids.shape
     cache = batch_cache(model.config, prefix, B, T, model.dtype)
@@ -181,7 +155,7 @@ def choice_loglikelihoods(
     prefix_text: str = "",
     prefix: PrefixCache | None = None,
     batch_size: int = 8,
-    length_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    length_buckets: Sequence[int] = seq.GENERATION_BUCKETS,
     progress: bool = False,
 ) -> list[np.ndarray]:
     """Per item, the log-likelihood ``[n_choices]`` of each choice continuing the item's context."""
@@ -224,7 +198,7 @@ def choice_predictions(
     prefix_text: str = "",
     prefix: PrefixCache | None = None,
     batch_size: int = 8,
-    length_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    length_buckets: Sequence[int] = seq.GENERATION_BUCKETS,
     progress: bool = False,
 ) -> np.ndarray:
     """Index of the most likely choice per item (``length_normalized``: lm-eval's ``acc_norm``)."""

@@ -170,7 +170,7 @@ def test_results_json_schema(full_run):
     # the validity curve: step 0, every eval_every steps, the end, on the same 4 validation items
     assert [p["step"] for p in tuning["curve"]] == [0, 2, 3]
     assert all(p["n"] == 4 and p["split"] == "validation" for p in tuning["curve"])
-    assert loaded["config"]["tune"]["steps"] == 3 and loaded["config"]["modes"] == list(ev.MODES)
+    assert loaded["config"]["tune"]["steps"] == 3 and loaded["config"]["modes"] == list(ev.generation_mode_names())
     pairs = {(c["mode_a"], c["mode_b"], c["metric"]) for c in loaded["comparisons"]}
     assert ("zero_shot", "soft_prompt", "accuracy") in pairs and ("few_shot", "soft_prompt", "format_validity") in pairs
 
@@ -276,13 +276,11 @@ def test_overwrite_replaces_results(tiny_lm, tmp_path):
 # metrics with a scripted generator (a real mix of valid / invalid / right / wrong)
 
 
-def test_scripted_outputs_give_the_expected_metrics(monkeypatch, tiny_lm, tmp_path):
-    import spt_jax.generate
-
-    monkeypatch.setattr(spt_jax.generate, "generate", scripted_generate(_scripted_answer))
+def test_scripted_outputs_give_the_expected_metrics(tiny_lm, tmp_path):
+    backends = ev.Backends(generate=scripted_generate(_scripted_answer))
     task = toy_task(n_test=10)
     config = tiny_config(n_test=None, modes=("zero_shot", "few_shot"), loglik=False)
-    results = ev.evaluate(tiny_lm, task, config, tmp_path, progress=False)
+    results = ev.evaluate(tiny_lm, task, config, tmp_path, progress=False, backends=backends)
     rows = read_predictions(tmp_path)
     _check_consistent(results, rows)
     by_mode = {row["mode"]: row for row in results["results"]}
@@ -364,10 +362,9 @@ def _skill_answer(lm, text, prefix_text, soft):
 
 
 def test_compare_tables_and_rank_correlations(monkeypatch, tmp_path):
-    import spt_jax.generate
     import spt_jax.tasks
 
-    monkeypatch.setattr(spt_jax.generate, "generate", scripted_generate(_skill_answer))
+    backends = ev.Backends(generate=scripted_generate(_skill_answer))
     # registered for this test only (monkeypatch restores the registry)
     monkeypatch.setitem(spt_jax.tasks._REGISTRY, "toy_sums_compare", toy_task("toy_sums_compare"))
     loaded = []
@@ -387,7 +384,7 @@ def test_compare_tables_and_rank_correlations(monkeypatch, tmp_path):
     }
     path = tmp_path / "cmp.json"
     path.write_text(json.dumps(spec))
-    summary = ev.compare(path, tmp_path / "out", progress=False, load_model=load_model)
+    summary = ev.compare(path, tmp_path / "out", progress=False, load_model=load_model, backends=backends)
     assert loaded == ["tiny-1", "tiny-3", "tiny-5", "tiny-4", "tiny-2", "tiny-6"]
     assert (tmp_path / "out" / ev.COMPARE_FILE).is_file() and (tmp_path / "out" / "compare.md").is_file()
     assert (tmp_path / "out" / "tiny-4" / "toy_sums_compare" / ev.RESULTS_FILE).is_file()

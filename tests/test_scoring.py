@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,7 +15,7 @@ from test_generate import char_tokenizer, tiny_lm
 from spt_jax import generate as gen
 from spt_jax import scoring
 from spt_jax.errors import DataError
-from spt_jax.tokens import bos_ids
+from spt_jax.sequence import bos_ids, split_pair
 
 CONTEXTS = ["the cat sat on the", "q: is it?\na:", "", "hello there", "ab", "x y z ", "why"]
 CONTINUATIONS = [" mat", " yes", "start", ", friend", "c", "w", "?\nbecause it is."]
@@ -33,7 +34,7 @@ def _token_logprobs(graphdef, params, embeds, n):
 def naive_score(lm, context, continuation, *, soft_prompt=None, prefix_text=""):
     """Reference: one unbatched forward over the whole sequence, log-softmax sum over the continuation."""
     model, tokenizer = lm.model, lm.tokenizer
-    context_ids, cont_ids = scoring.split_pair(tokenizer, prefix_text + context, continuation)
+    context_ids, cont_ids = split_pair(tokenizer, prefix_text + context, continuation)
     head = jnp.asarray(bos_ids(tokenizer), jnp.int32)
     tail = jnp.asarray(context_ids + cont_ids, jnp.int32)
     soft = jnp.zeros((0, lm.config.d_model)) if soft_prompt is None else jnp.asarray(soft_prompt)
@@ -69,7 +70,7 @@ def test_matches_naive_log_softmax_sum(lm, use_soft, prefix_text):
     assert result.loglikelihood.dtype == np.float64
     np.testing.assert_allclose(result.loglikelihood, [w[0] for w in want], rtol=1e-5, atol=1e-4)
     assert result.is_greedy.tolist() == [w[1] for w in want]
-    assert result.n_tokens.tolist() == [len(scoring.split_pair(lm.tokenizer, prefix_text + c, x)[1])
+    assert result.n_tokens.tolist() == [len(split_pair(lm.tokenizer, prefix_text + c, x)[1])
                                         for c, x in zip(CONTEXTS, CONTINUATIONS)]  # fmt: skip
 
 
@@ -139,21 +140,20 @@ def test_context_trailing_space_moves_to_the_continuation():
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?\w+|:| "), behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>")
-    assert scoring.split_pair(tokenizer, "Answer: ", "B") == ([1, 2], [3])
-    assert scoring.split_pair(tokenizer, "Answer:", " B") == ([1, 2], [3])
-    assert scoring.split_pair(char_tokenizer(), "ab", "cd") == ([4, 5], [6, 7])
+    assert split_pair(tokenizer, "Answer: ", "B") == ([1, 2], [3])
+    assert split_pair(tokenizer, "Answer:", " B") == ([1, 2], [3])
+    assert split_pair(char_tokenizer(), "ab", "cd") == ([4, 5], [6, 7])
 
 
 def test_compiles_once_per_shape(lm):
     contexts = ["abcdefghijklmnopqrstuvwxyz"[: 1 + i % 20] for i in range(30)]
     conts = [" " + "xyz"[: 1 + i % 3] for i in range(30)]
-    start = gen.compile_counts().get("score", 0)
+    lm = dataclasses.replace(lm)  # a compile cache of its own: exact counts
     scoring.loglikelihoods(lm, contexts, conts, batch_size=4, length_buckets=(16, 32))
-    after_first = gen.compile_counts()["score"]
-    assert after_first - start <= 2  # one per input bucket (every continuation fits width 4)
+    assert lm.compiled.compilations("score") == 2  # one per input bucket (every continuation fits width 4)
     scoring.loglikelihoods(lm, contexts[::-1], conts, batch_size=4, length_buckets=(16, 32))
     scoring.loglikelihoods(lm, contexts[:5], conts[:5], batch_size=4, length_buckets=(16, 32))
-    assert gen.compile_counts()["score"] == after_first
+    assert lm.compiled.compilations("score") == 2
 
 
 def test_bad_input_is_reported(lm):

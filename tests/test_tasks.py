@@ -579,3 +579,26 @@ def test_tasks_pickle_and_copy():
         assert clone.fewshot_prefix(2, seed=4) == task.fewshot_prefix(2, seed=4)
         with pytest.raises(DataError, match="id 'zz'"):
             clone.render_input({"id": "zz", "choices": ["a", "b"]})
+
+
+def test_records_carry_their_label_through_copies_and_pickles():
+    import copy
+    import pickle
+
+    from spt_jax.tasks import Record
+
+    task = mc_task()
+    record = task.records("test")[3]
+    assert isinstance(record, Record) and record.label == "test[3] (id 'q203')"
+    assert record == mc_records(5, 200)[3] and record.get("id") == "q203"
+    assert json.loads(json.dumps(dict(record))) == mc_records(5, 200)[3]
+    with pytest.raises(AttributeError):
+        record.label = "elsewhere"
+    needs_context = mc_task(input_template="Question: {question} {context}\n")
+    for clone in (pickle.loads(pickle.dumps(record)), copy.copy(record), copy.deepcopy(record),
+                  pickle.loads(pickle.dumps(task)).records("test")[3]):
+        assert clone == record and clone.label == record.label
+        with pytest.raises(DataError, match=r"\{context\}.*record test\[3\] \(id 'q203'\)"):
+            needs_context.render_input(clone)
+    with pytest.raises(DataError, match=r"\{context\}.*record id 'q203';"):  # a plain dict: no position
+        needs_context.render_input(dict(record))

@@ -1,12 +1,14 @@
 """Tests for spt_jax.tune on tiny random models: rows, data order, prompt files, the tuning loop.
 
-Every tuning run here shares one step configuration so the jitted step compiles once per batch
-shape for the whole module (the step cache is keyed on the settings that change the program).
+Every tuning run on the module's ``lm`` shares one step configuration, so its jitted step compiles
+once per batch shape for the whole module (the step lives in ``lm.compiled``, keyed by the settings
+that change the program); a test that counts compilations exactly tunes a fresh model of its own.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -18,18 +20,9 @@ from tune_support import arithmetic_examples, tiny_lm
 
 from spt_jax import tune
 from spt_jax.errors import ConfigError, DataError, SptError
-from spt_jax.tokens import encode
+from spt_jax.sequence import MIN_ANSWER_WIDTH, Encoded, bucket_length, encode, pow2_width, tuning_buckets
 from spt_jax.tune.checkpoint import TuneCheckpoints
-from spt_jax.tune.data import (
-    DataOrder,
-    ExampleEncoder,
-    Layout,
-    answer_width,
-    as_pairs,
-    bucket_for,
-    collate,
-    default_buckets,
-)
+from spt_jax.tune.data import DataOrder, ExampleEncoder, as_pairs, tuning_layout
 from spt_jax.tune.mesh import spec_for
 
 P = 4
@@ -58,10 +51,10 @@ def host_params(lm):
 
 def test_collate_follows_the_token_layout(lm):
     tok = lm.tokenizer
-    layout = Layout.for_model(lm, CONFIG)
+    layout = tuning_layout(lm, CONFIG)
     pairs = [("12+3=", " 15"), ("1+1=", " 2")]
     encoder = ExampleEncoder(tok, pairs, layout)
-    batch = collate([encoder(0), encoder(1)], layout)
+    batch = layout.training_batch([encoder(0), encoder(1)])
     T = batch["tokens"].shape[1]
     assert T == 32 and batch["target_ids"].shape[1] == 8
     for b, (inp, tgt) in enumerate(pairs):
@@ -85,16 +78,16 @@ def test_collate_follows_the_token_layout(lm):
 
 def test_collate_without_bos_puts_the_prompt_first():
     lm = tiny_lm(bos=False)
-    layout = Layout.for_model(lm, CONFIG)
+    layout = tuning_layout(lm, CONFIG)
     assert layout.bos == ()
-    batch = collate([ExampleEncoder(lm.tokenizer, [("ab", "c")], layout)(0)], layout)
+    batch = layout.training_batch([ExampleEncoder(lm.tokenizer, [("ab", "c")], layout)(0)])
     start = int(np.argmax(batch["valid"][0]))
     np.testing.assert_array_equal(batch["prompt_index"][0, start : start + P], np.arange(P))
 
 
 def test_over_long_input_loses_its_left_end_with_one_warning(lm):
     config = CONFIG.replace(max_length=32, length_buckets=(16, 32))
-    layout = Layout.for_model(lm, config)
+    layout = tuning_layout(lm, config)
     long_input = "".join(str(i % 10) for i in range(60))
     pairs = [(long_input, " 7"), ("x" + long_input, " 8"), ("1+1=", " 2")]
     encoder = ExampleEncoder(lm.tokenizer, pairs, layout)
@@ -109,7 +102,7 @@ def test_over_long_input_loses_its_left_end_with_one_warning(lm):
     assert first.input_ids == tuple(encode(lm.tokenizer, long_input[-room:])) and first.truncated == 60 - room
     assert first.target_ids == (*encode(lm.tokenizer, " 7"), lm.tokenizer.eos_token_id)
     assert layout.row_length(first) == 32
-    batch = collate([first, encoder(2)], layout)
+    batch = layout.training_batch([first, encoder(2)])
     assert batch["tokens"].shape == (2, 32)
 
     with pytest.raises(DataError, match="example 0: the target alone takes"):
@@ -117,12 +110,12 @@ def test_over_long_input_loses_its_left_end_with_one_warning(lm):
 
 
 def test_buckets_and_answer_widths():
-    assert default_buckets(512) == (32, 48, 64, 96, 128, 192, 256, 384, 512)
-    assert default_buckets(100) == (32, 48, 64, 96, 100)
-    assert bucket_for(33, (32, 48, 64)) == 48 and bucket_for(32, (32, 48)) == 32
+    assert tuning_buckets(512) == (32, 48, 64, 96, 128, 192, 256, 384, 512)
+    assert tuning_buckets(100) == (32, 48, 64, 96, 100)
+    assert bucket_length(33, (32, 48, 64)) == 48 and bucket_length(32, (32, 48)) == 32
     with pytest.raises(ConfigError):
-        bucket_for(65, (32, 64))
-    assert [answer_width(n) for n in (1, 8, 9, 17)] == [8, 8, 16, 32]
+        bucket_length(65, (32, 64))
+    assert [pow2_width(n, MIN_ANSWER_WIDTH) for n in (1, 8, 9, 17)] == [8, 8, 16, 32]
 
 
 def test_data_order_is_seeded_reshuffled_and_resumable():
@@ -236,25 +229,31 @@ def mixed_length_examples():
     return short + long
 
 
-def test_tune_trains_only_the_prompt_and_compiles_once_per_bucket(lm, tmp_path):
+def test_tune_trains_only_the_prompt_and_compiles_once_per_bucket(tmp_path):
+    lm = tiny_lm(tie_embeddings=False)  # a fresh model: its compile cache has seen no batch shape
     before = host_params(lm)
-    calls = []
+    calls, norms = [], []
 
-    def on_eval(step, prompt):
+    def evaluator(step, prompt):
         calls.append(step)
         assert prompt.shape == (P, 32) and prompt.dtype == jnp.float32
-        return {"prompt_norm": float(jnp.linalg.norm(prompt))}
+        norms.append(float(jnp.linalg.norm(prompt)))
+        return {"prompt_norm": norms[-1], "step_parity": np.int64(step % 2)}
 
     config = CONFIG.replace(steps=12, eval_every=5, checkpoint_every=5)
     result = tune.tune(
-        lm, mixed_length_examples(), config, checkpoint_dir=tmp_path, on_eval=on_eval, progress=False
+        lm, mixed_length_examples(), config, checkpoint_dir=tmp_path, evaluator=evaluator, progress=False
     )
 
     assert calls == [0, 5, 10, 12]
-    assert [h["step"] for h in result.history] == list(range(13))
-    assert all("prompt_norm" in h for h in result.history if h["step"] in calls)
-    assert "prompt_norm" not in result.history[3]
-    losses = [h["loss"] for h in result.history[1:]]
+    assert result.evaluations == tuple(
+        tune.Evaluation(step, {"prompt_norm": norm, "step_parity": float(step % 2)})
+        for step, norm in zip(calls, norms)
+    )
+    assert all(type(v) is float for e in result.evaluations for v in e.metrics.values())
+    assert [h["step"] for h in result.history] == list(range(1, 13))  # training steps only
+    assert not any("prompt_norm" in h for h in result.history)
+    losses = [h["loss"] for h in result.history]
     assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < np.mean(losses[:4])
 
     initial = tune.init_prompt(lm, config)
@@ -266,8 +265,9 @@ def test_tune_trains_only_the_prompt_and_compiles_once_per_bucket(lm, tmp_path):
     meta = result.metadata
     shapes = meta["batch_shapes_used"]
     assert len(shapes) >= 2 and meta["length_buckets_used"] == sorted({t for t, _ in shapes})
-    assert 1 <= meta["compilations"] <= len(shapes)
-    assert sum(h["compiled"] for h in result.history[1:]) == meta["compilations"]
+    assert meta["compilations"] == len(shapes)  # exactly one compilation per batch shape
+    assert sum(h["compiled"] for h in result.history) == meta["compilations"]
+    assert lm.compiled.compilations() == len(shapes)  # and nothing else compiled for this model
     assert meta["model"] == "tiny" and meta["placement"] == "after_bos" and meta["truncated_inputs"] == 0
     assert meta["data_state"]["next_index"] == 12 * config.batch_size
 
@@ -277,6 +277,7 @@ def test_tune_trains_only_the_prompt_and_compiles_once_per_bucket(lm, tmp_path):
     assert size < 100_000  # prompt + optimizer state only, never the frozen weights
     saved = json.loads((tmp_path / "12" / "meta" / "metadata").read_text())
     assert saved["step"] == 12 and saved["config"] == config.to_dict()
+    assert saved["evaluations"] == [e.to_dict() for e in result.evaluations]
     assert saved["data_state"] == meta["data_state"]
 
     file = result.save(tmp_path / "prompt.safetensors")
@@ -287,13 +288,18 @@ class Crash(Exception):
     pass
 
 
-def _crash_at(step):
-    def on_eval(s, prompt):
+def _prompt_norm(step, prompt):
+    return {"prompt_norm": float(jnp.linalg.norm(prompt))}
+
+
+def _crash_at(step, calls):
+    def evaluator(s, prompt):
+        calls.append(s)
         if s == step:
             raise Crash(f"simulated crash at step {s}")
-        return {}
+        return _prompt_norm(s, prompt)
 
-    return on_eval
+    return evaluator
 
 
 # Orbax's async reads of the deliberately damaged step can finish after their event loop closed.
@@ -301,19 +307,32 @@ def _crash_at(step):
 def test_resume_after_a_crash_matches_an_uninterrupted_run(lm, tmp_path):
     examples = arithmetic_examples(20)
     config = CONFIG.replace(eval_every=1)
-    reference = tune.tune(lm, examples, config, progress=False)
+    reference = tune.tune(lm, examples, config, evaluator=_prompt_norm, progress=False)
+    assert [e.step for e in reference.evaluations] == list(range(0, 7))
 
+    crashed, calls = [], []
     with pytest.raises(Crash):  # dies after step 5, before saving it
-        tune.tune(lm, examples, config, checkpoint_dir=tmp_path, on_eval=_crash_at(5), progress=False)
+        tune.tune(lm, examples, config, checkpoint_dir=tmp_path, evaluator=_crash_at(5, crashed),
+                  progress=False)
+    assert crashed == [0, 1, 2, 3, 4, 5]
     with TuneCheckpoints(tmp_path) as checkpoints:
         assert checkpoints.steps() == [2, 4]
 
-    resumed = tune.tune(lm, examples, config, checkpoint_dir=tmp_path, progress=False)
+    resumed = tune.tune(lm, examples, config, checkpoint_dir=tmp_path, evaluator=_crash_at(-1, calls),
+                        progress=False)
     assert resumed.metadata["resumed_from_step"] == 4
+    assert resumed.metadata["compilations"] == 0  # the reference run compiled every shape already
     np.testing.assert_allclose(resumed.prompt, reference.prompt, rtol=0, atol=1e-6)
-    assert [h["step"] for h in resumed.history] == list(range(0, 7))  # step 0: the crashed run's eval
+    assert [h["step"] for h in resumed.history] == list(range(1, 7))
     np.testing.assert_allclose(
-        [h["loss"] for h in resumed.history[1:]], [h["loss"] for h in reference.history], rtol=1e-6
+        [h["loss"] for h in resumed.history], [h["loss"] for h in reference.history], rtol=1e-6
+    )
+    # Steps 0-4 were measured before the crash (restored from checkpoint 4), 5-6 after the resume.
+    assert calls == [5, 6]
+    assert [e.step for e in resumed.evaluations] == [e.step for e in reference.evaluations]
+    np.testing.assert_allclose(
+        [e.metrics["prompt_norm"] for e in resumed.evaluations],
+        [e.metrics["prompt_norm"] for e in reference.evaluations], rtol=1e-6,
     )
 
     with pytest.raises(ConfigError, match=r"different settings \(learning_rate\)"):
@@ -331,10 +350,30 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(lm, tmp_path):
     with pytest.warns(UserWarning, match="checkpoint step 6 is unreadable"):
         again = tune.tune(lm, examples, longer, checkpoint_dir=tmp_path, progress=False)
     assert again.metadata["resumed_from_step"] == 4
-    assert [h["step"] for h in again.history] == list(range(0, 9))
+    assert [h["step"] for h in again.history] == list(range(1, 9))
     np.testing.assert_allclose(
-        [h["loss"] for h in again.history[1:7]], [h["loss"] for h in reference.history], rtol=1e-6
+        [h["loss"] for h in again.history[:6]], [h["loss"] for h in reference.history], rtol=1e-6
     )
+    assert [e.step for e in again.evaluations] == [0, 1, 2, 3, 4]  # those checkpoint 4 holds
+
+
+def test_evaluator_must_return_named_real_numbers(lm):
+    examples, config = arithmetic_examples(20), CONFIG.replace(steps=2, eval_every=1)
+    bad = {
+        "must return a mapping of metric names to numbers, got list at step 0": [0.5],
+        "must return a mapping of metric names to numbers, got NoneType at step 0": None,
+        "metric named 1 at step 0; metric names must be strings": {1: 0.5},
+        "accuracy='high' at step 0; metric values must be real numbers": {"accuracy": "high"},
+        "valid=True at step 0; metric values must be real numbers": {"valid": True},
+    }
+    for message, returned in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            tune.tune(lm, examples, config, evaluator=lambda step, prompt, r=returned: r, progress=False)
+    late = lambda step, prompt: {"loss": 1.0} if step < 2 else {"loss": [1.0]}  # noqa: E731
+    with pytest.raises(ConfigError, match=re.escape("loss=[1.0] at step 2")):
+        tune.tune(lm, examples, config, evaluator=late, progress=False)
+    with pytest.raises(TypeError, match="on_eval"):
+        tune.tune(lm, examples, config, on_eval=_prompt_norm, progress=False)
 
 
 def test_non_finite_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(lm, tmp_path):
@@ -373,7 +412,6 @@ def test_training_rows_and_generation_agree_on_the_layout(lm):
 
     from spt_jax.generate import GenerationConfig, generate
     from spt_jax.models.transformer import positions_from_mask
-    from spt_jax.tune.data import Encoded
     from spt_jax.tune.step import prompt_embeddings
 
     prompt = tune.init_prompt(lm, "random", length=P, seed=5)
@@ -383,12 +421,12 @@ def test_training_rows_and_generation_agree_on_the_layout(lm):
                        config=GenerationConfig(max_new_tokens=6, stop_sequences=never))
     assert any(outputs)
     tok, eos = lm.tokenizer, lm.tokenizer.eos_token_id
-    layout = Layout.for_model(lm, CONFIG.replace(append_eos=False))
+    layout = tuning_layout(lm, CONFIG.replace(append_eos=False))
     rows = []
     for text, out in zip(inputs, outputs):  # teacher-force what was generated (+ EOS if it stopped)
         generated = encode(tok, out) + ([eos] if len(encode(tok, out)) < 6 else [])
         rows.append(Encoded(tuple(encode(tok, text)), tuple(generated), 0))
-    batch = collate(rows, layout)
+    batch = layout.training_batch(rows)
 
     @jax.jit
     def greedy(prompt, params, batch):

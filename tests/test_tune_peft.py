@@ -17,8 +17,7 @@ from tune_support import char_tokenizer
 
 from spt_jax import tune
 from spt_jax.errors import ConfigError
-from spt_jax.tokens import encode
-from spt_jax.tune.data import Encoded, Layout, collate
+from spt_jax.sequence import Encoded, Layout, encode
 from spt_jax.tune.step import prompt_loss
 
 P = 5
@@ -106,7 +105,7 @@ def test_loss_and_gradient_match_peft(models):
     rows = [
         Encoded((tok.bos_token_id, *encode(tok, i)), (*encode(tok, t), eos), 0) for i, t in ROWS
     ]
-    batch = collate(rows, layout)
+    batch = layout.training_batch(rows)
     assert not batch["valid"].all()  # rows differ in length: some padding is present
     loss_and_grad = jax.jit(
         jax.value_and_grad(lambda p, params, b: prompt_loss(p, params, b, graphdef=lm.graphdef)[0])

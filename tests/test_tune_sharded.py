@@ -98,6 +98,8 @@ def worker_mesh8(model_dir: str, out: str) -> None:
 
     step = tune.make_train_step(lm, config, mesh)
     assert step.compilations == 1  # one batch shape, one compilation
+    assert sharded.metadata["compilations"] == len(sharded.metadata["batch_shapes_used"]) == 1
+    assert single.metadata["compilations"] == tune.make_train_step(local, config, one).compilations == 1
     try:
         tune.tune(lm, examples, config.replace(batch_size=6), mesh=mesh, progress=False)
         raise AssertionError("batch 6 over a data axis of 4 was accepted")
@@ -113,6 +115,7 @@ def worker_mesh8(model_dir: str, out: str) -> None:
         lm_grid = models.load(model_dir, shardings=lambda s, grid=grid: tune.param_shardings(s, grid))
         run = tune.tune(lm_grid, examples, sweep_config, mesh=grid, progress=False)
         assert run.metadata["mesh"] == {"data": data, "model": model}
+        assert run.metadata["compilations"] == len(run.metadata["batch_shapes_used"])  # a fresh model each
         sweep.append([h["loss"] for h in run.history])
     reference = tune.tune(local, examples, sweep_config, mesh=one, progress=False)
     np.savez(out, sharded=np.asarray(sharded.prompt), single=np.asarray(single.prompt),

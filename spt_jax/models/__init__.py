@@ -6,6 +6,7 @@ checkpoint directory (config.json + safetensors) or a ``.gguf`` file, and return
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -76,11 +77,12 @@ def load(
     if path.is_dir():
         hf_config = hf_checkpoint.read_config(path)
         tensors = hf_checkpoint.iter_safetensors(hf_checkpoint.safetensors_files(path))
-        load_tokenizer = hf_checkpoint.load_tokenizer
+        load_tokenizer = functools.partial(hf_checkpoint.load_tokenizer, path)
     else:
-        hf_config = gguf_io.read_gguf_config(path)
-        tensors = gguf_io.iter_gguf_tensors(path)
-        load_tokenizer = gguf_io.load_gguf_tokenizer
+        header = gguf_io.read_gguf_header(path)  # parsed once: config, tensors and tokenizer share it
+        hf_config = gguf_io.read_gguf_config(header)
+        tensors = gguf_io.iter_gguf_tensors(header)
+        load_tokenizer = functools.partial(gguf_io.load_gguf_tokenizer, header)
 
     config = config_from_hf(hf_config)
     abstract = nnx.eval_shape(
@@ -97,5 +99,5 @@ def load(
     )
     # After the weights: a large vocabulary's tokenizer (Gemma 3: 262k) then doesn't sit on top
     # of the loading peak.
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer()
     return LM(name=name, config=config, graphdef=graphdef, params=params, tokenizer=tokenizer, dtype=dtype)

@@ -2,19 +2,20 @@
 
 Every checkpoint format meets the rest of spt_jax in one shape: a transformers config object and a
 stream of ``(hf_name, array)`` pairs in Hugging Face PyTorch naming and layout. This module turns a
-GGUF file (llama.cpp's format) into that, undoing what llama.cpp's converter did to each family:
+GGUF file (llama.cpp's format) into that. Everything family-specific (which architectures load, how
+their metadata keys rename, their module names, and the `TensorFix`es undoing llama.cpp's converter:
+llama's q/k permutation, Gemma's ``w + 1`` norms, GPT-2's transposed Conv1D weights) is declared with
+the family in `spt_jax.models.families` (`GgufArch`); this module only reads, renames and fixes.
 
-* llama (also Mistral, SmolLM): q/k rows permuted for llama.cpp's interleaved rope -> un-permuted
-  back to Hugging Face's rotate-half layout; llama3 rope scaling stored as a ``rope_freqs`` tensor ->
-  recovered as ``rope_parameters``.
-* gemma, gemma2, gemma3: every ``*norm.weight`` stored as ``w + 1`` -> ``w`` (subtracted in float32).
-* gpt2: the Conv1D weights stored transposed -> transposed back to ``[in, out]``.
-* qwen2, qwen3: names only.
+The header is parsed once into a `GgufHeader`; config building, tensor reading and the tokenizer
+all take it (or a path, which they parse), and the header caches its transformers config, so one
+load parses the file once and builds its config once.
 
-Metadata keys are mapped with transformers' own tables (``GGUF_CONFIG_MAPPING``) and the tokenizer is
-built with transformers' torch-free GGUF tokenizer converters. Neither transformers' GGUF reader nor
-its tensor loader is used: both import torch, which spt_jax does not need at run time. Tensor data
-is dequantized by ``gguf.quants.dequantize`` one tensor (in row chunks) at a time.
+The tokenizer is built with transformers' torch-free GGUF tokenizer converters. Neither
+transformers' GGUF reader nor its tensor loader is used: both import torch, which spt_jax does not
+need at run time. Tensor data is dequantized by ``gguf.quants.dequantize`` one tensor (in row
+chunks) at a time. llama3 rope scaling, stored as a ``rope_freqs`` tensor, is recovered as
+``rope_parameters``.
 
 We parse the GGUF header ourselves (a few dozen lines of ``struct``) rather than with
 ``gguf.GGUFReader``, which builds a numpy view per vocabulary entry and takes ~10-20 s on Gemma 3's
@@ -36,8 +37,9 @@ import gguf
 import numpy as np
 
 from spt_jax.errors import ConfigError, WeightsError, close_names
+from spt_jax.models.families import GGUF_ARCHITECTURES, GgufArch, TensorFix
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2")
+SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 # Tokens llama.cpp treats as end-of-generation when the vocabulary marks them as control tokens
 # (llama-vocab.cpp); a chat model stops on these, not only on `tokenizer.ggml.eos_token_id`.
@@ -56,44 +58,6 @@ _END_OF_GENERATION_TEXTS = frozenset(
 )
 _CONTROL_TOKEN = 3  # llama.cpp's token type for control tokens
 
-# Hugging Face module names (without `.weight`/`.bias`) per architecture; gguf's TensorNameMap turns
-# each into its GGUF name, and we invert that. `{i}` is the layer index.
-_LLAMA_LAYER = (
-    "model.layers.{i}.input_layernorm",
-    "model.layers.{i}.post_attention_layernorm",
-    "model.layers.{i}.self_attn.q_proj",
-    "model.layers.{i}.self_attn.k_proj",
-    "model.layers.{i}.self_attn.v_proj",
-    "model.layers.{i}.self_attn.o_proj",
-    "model.layers.{i}.mlp.gate_proj",
-    "model.layers.{i}.mlp.up_proj",
-    "model.layers.{i}.mlp.down_proj",
-)
-_QK_NORM = ("model.layers.{i}.self_attn.q_norm", "model.layers.{i}.self_attn.k_norm")
-_SANDWICH_NORM = (
-    "model.layers.{i}.pre_feedforward_layernorm",
-    "model.layers.{i}.post_feedforward_layernorm",
-)
-_DECODER_GLOBAL = ("model.embed_tokens", "model.norm", "lm_head")
-_HF_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "llama": (_DECODER_GLOBAL, _LLAMA_LAYER),
-    "qwen2": (_DECODER_GLOBAL, _LLAMA_LAYER),
-    "qwen3": (_DECODER_GLOBAL, _LLAMA_LAYER + _QK_NORM),
-    "gemma": (_DECODER_GLOBAL, _LLAMA_LAYER),
-    "gemma2": (_DECODER_GLOBAL, _LLAMA_LAYER + _SANDWICH_NORM),
-    "gemma3": (_DECODER_GLOBAL, _LLAMA_LAYER + _SANDWICH_NORM + _QK_NORM),
-    "gpt2": (
-        ("transformer.wte", "transformer.wpe", "transformer.ln_f", "lm_head"),
-        (
-            "transformer.h.{i}.ln_1",
-            "transformer.h.{i}.attn.c_attn",
-            "transformer.h.{i}.attn.c_proj",
-            "transformer.h.{i}.ln_2",
-            "transformer.h.{i}.mlp.c_fc",
-            "transformer.h.{i}.mlp.c_proj",
-        ),
-    ),
-}
 # GGUF tensors with no Hugging Face parameter: llama3's rope factors become config fields instead.
 _NON_PARAMETER_TENSORS = frozenset({"rope_freqs.weight"})
 
@@ -129,6 +93,19 @@ class GgufHeader:
     @functools.cached_property
     def tensor_by_name(self) -> dict[str, TensorInfo]:
         return {info.name: info for info in self.tensors}
+
+    @functools.cached_property
+    def hf_config(self):
+        """The transformers config the metadata describes, built once per header (do not mutate)."""
+        return _config_from_header(self)
+
+
+GgufSource = str | Path | GgufHeader
+
+
+def _header(source: GgufSource) -> GgufHeader:
+    """A parsed header as is; a path parsed now."""
+    return source if isinstance(source, GgufHeader) else read_gguf_header(source)
 
 
 _SCALAR_FORMATS = {
@@ -279,9 +256,9 @@ def _tensor_info(path: Path, data_start: int, name, shape, type_id, offset) -> T
 # ----------------------------------------------------------------------------------------- config
 
 
-def read_gguf_config(path):
+def read_gguf_config(source: GgufSource):
     """The transformers config (LlamaConfig, Gemma3TextConfig, ...) a GGUF file's metadata describes."""
-    return _config_from_header(read_gguf_header(path))
+    return _header(source).hf_config
 
 
 def _config_from_header(header: GgufHeader):
@@ -291,83 +268,48 @@ def _config_from_header(header: GgufHeader):
     return transformers.AutoConfig.for_model(model_type, **fields)
 
 
-def _architecture(header: GgufHeader) -> str:
+def _gguf_arch(header: GgufHeader) -> GgufArch:
+    """The family table of the file's architecture (ConfigError naming the file if there is none)."""
     arch = header.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise ConfigError(
             f"GGUF file {header.path} has architecture {arch!r}, which spt_jax cannot load"
             f"{close_names(arch, SUPPORTED_ARCHITECTURES)}; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    return arch
+    return GGUF_ARCHITECTURES[arch]
 
 
-def _config_renames(arch: str) -> dict[str, str | None]:
-    """transformers' `{arch}.<key>` -> config-field table; Gemma 1 borrows Gemma 2's (it has none)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    if arch == "gemma":
-        gemma2 = GGUF_CONFIG_MAPPING["gemma2"]
-        return {k: v for k, v in gemma2.items() if k != "attention.sliding_window"}
-    return GGUF_CONFIG_MAPPING[arch]
+def _model_type(arch: GgufArch, meta: dict[str, Any]) -> str:
+    name = str(meta.get("general.name", "")).lower()
+    return next((t for word, t in arch.model_type_by_name if word in name), arch.model_type)
 
 
 def _config_fields(header: GgufHeader) -> tuple[str, dict[str, Any]]:
     """`(model_type, config kwargs)` from the metadata, following llama.cpp where the file is silent."""
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
-    arch = _architecture(header)
+    arch = _gguf_arch(header)
     meta = header.metadata
-    key = lambda name: meta.get(f"{arch}.{name}")  # noqa: E731
-    model_type = {"gemma3": "gemma3_text"}.get(arch, arch)
-    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
-        model_type = "mistral"  # llama.cpp writes Mistral as llama; transformers does the same check
-
+    model_type = _model_type(arch, meta)
     fields: dict[str, Any] = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
-    for gguf_key, field in _config_renames(arch).items():
-        if field not in (None, -1) and key(gguf_key) is not None:
-            fields[field] = key(gguf_key)
+    for gguf_key, field in arch.config_keys.items():
+        if meta.get(f"{arch.name}.{gguf_key}") is not None:
+            fields[field] = meta[f"{arch.name}.{gguf_key}"]
     for gguf_key, field in GGUF_CONFIG_MAPPING["tokenizer"].items():
         if meta.get(f"tokenizer.{gguf_key}") is not None:
             fields[field] = meta[f"tokenizer.{gguf_key}"]
-    if key("attention.key_length") is not None and arch != "gpt2":
-        fields["head_dim"] = key("attention.key_length")  # e.g. Qwen3: head_dim != hidden / heads
 
-    tensors = header.tensor_by_name
     fields["_name_or_path"] = str(header.path)
     # llama.cpp writes the output projection only when it is not the embedding matrix
-    fields["tie_word_embeddings"] = "output.weight" not in tensors
+    fields["tie_word_embeddings"] = "output.weight" not in header.tensor_by_name
     fields["vocab_size"] = _vocab_size(header, fields.get("vocab_size"))
     fields["eos_token_id"] = _end_of_generation_ids(meta) or fields.get("eos_token_id")
-
-    if arch == "gpt2":
-        fields["n_positions"] = fields.pop("n_ctx", 1024)
-        fields["n_inner"] = fields.pop("feed_forward_length", None)
-        return model_type, fields
-
-    rope = _rope_parameters(header, arch, fields)
-    if arch == "llama":
-        fields["attention_bias"] = "blk.0.attn_q.bias" in tensors
-        fields["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
-    if model_type == "mistral":  # MistralConfig defaults to a 4096 window; llama.cpp uses none unless stated
-        fields["sliding_window"] = key("attention.sliding_window")
-    if arch in ("gemma2", "gemma3"):
-        n_layers = fields["num_hidden_layers"]
-        head_dim = fields.get("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
-        # llama.cpp scales queries by head_dim**-0.5 except for the 27B models (hidden / heads)
-        big = n_layers == {"gemma2": 46, "gemma3": 62}[arch]
-        fields["query_pre_attn_scalar"] = (
-            fields["hidden_size"] // fields["num_attention_heads"] if big else head_dim
-        )
-        fields["layer_types"] = _gemma_layer_types(meta, arch, n_layers)
-        for softcap in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if key(softcap) is not None:
-                fields[softcap] = key(softcap)
-    if arch == "gemma3":
-        # llama.cpp hard-codes the sliding layers' rope: base 10k, no scaling
-        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
-    fields["rope_parameters"] = rope
-    fields.pop("rope_theta", None)
+    if arch.rope:
+        fields["rope_parameters"] = _rope_parameters(header, arch.name, fields)
+        fields.pop("rope_theta", None)
+    if arch.config_fields is not None:
+        fields.update(arch.config_fields(header, model_type, fields))
     return model_type, fields
 
 
@@ -392,21 +334,6 @@ def _end_of_generation_ids(meta: dict[str, Any]) -> int | list[int] | None:
             ids.append(index)
     ids = list(dict.fromkeys(ids))
     return ids[0] if len(ids) == 1 else (ids or None)
-
-
-def _gemma_layer_types(meta: dict[str, Any], arch: str, n_layers: int) -> list[str]:
-    """Sliding vs full attention per layer: the file's pattern if it states one, else llama.cpp's."""
-    stated = meta.get(f"{arch}.attention.sliding_window_pattern")
-    if isinstance(stated, list):
-        if len(stated) != n_layers:
-            raise ConfigError(
-                f"{arch}.attention.sliding_window_pattern has {len(stated)} entries for {n_layers} layers"
-            )
-        return ["sliding_attention" if s else "full_attention" for s in stated]
-    period = int(stated) if stated else {"gemma2": 2, "gemma3": 6}[arch]
-    return [
-        "full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)
-    ]
 
 
 def _rope_parameters(header: GgufHeader, arch: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -500,39 +427,41 @@ def _transpose(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.T)
 
 
-def _tensor_targets(header: GgufHeader, config) -> dict[str, _Target]:
-    """GGUF name -> `_Target`, built by naming every HF parameter through gguf's TensorNameMap."""
-    arch = _architecture(header)
-    n_layers = config.num_hidden_layers if arch != "gpt2" else config.n_layer
-    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    name_map = gguf.get_tensor_name_map(model_arch, n_layers)
-    global_modules, layer_modules = _HF_MODULES[arch]
-    modules = list(global_modules) + [m.format(i=i) for i in range(n_layers) for m in layer_modules]
+# How each `TensorFix` of a family is carried out, given the file's transformers config.
+_FIXES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "unpermute_q": lambda c: dict(reorder=functools.partial(unpermute_llama_qk, n_heads=c.num_attention_heads)),
+    "unpermute_k": lambda c: dict(reorder=functools.partial(unpermute_llama_qk, n_heads=c.num_key_value_heads)),
+    "minus_one": lambda c: dict(subtract=1.0),
+    "transpose": lambda c: dict(reorder=_transpose),
+}
 
+
+def _tensor_targets(header: GgufHeader) -> dict[str, _Target]:
+    """GGUF name -> `_Target`, built by naming every HF parameter through gguf's TensorNameMap."""
+    arch, config = _gguf_arch(header), header.hf_config
+    n_layers = config.num_hidden_layers  # GPT-2's n_layer answers to this name too
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name)
+    name_map = gguf.get_tensor_name_map(model_arch, n_layers)
+    modules = list(arch.global_modules) + [
+        m.format(i=i) for i in range(n_layers) for m in arch.layer_modules
+    ]
     targets = {}
     for module in modules:
         gguf_module = name_map.get_name(module)
         if gguf_module is None:  # e.g. gemma's lm_head: always the embedding in llama.cpp
             continue
         for suffix in (".weight", ".bias"):
-            targets[gguf_module + suffix] = _target(arch, config, gguf_module + suffix, module + suffix)
+            fix = _fix_for(arch.fixes, gguf_module + suffix)
+            kwargs = _FIXES[fix.fix](config) if fix is not None else {}
+            targets[gguf_module + suffix] = _Target(module + suffix, **kwargs)
     return targets
 
 
-def _target(arch: str, config, gguf_name: str, hf_name: str) -> _Target:
-    if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-        heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
-        return _Target(hf_name, functools.partial(unpermute_llama_qk, n_heads=heads))
-    if arch in ("gemma", "gemma2", "gemma3") and gguf_name.endswith("norm.weight"):
-        return _Target(hf_name, subtract=1.0)
-    if arch == "gpt2" and gguf_name.endswith(
-        ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
-    ):
-        return _Target(hf_name, _transpose)  # Conv1D keeps [in, out]
-    return _Target(hf_name)
+def _fix_for(fixes: tuple[TensorFix, ...], gguf_name: str) -> TensorFix | None:
+    return next((f for f in fixes if gguf_name.endswith(f.suffixes)), None)
 
 
-def iter_gguf_tensors(path, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
+def iter_gguf_tensors(source: GgufSource, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, array)`` for every parameter in the file, in file order, one at a time.
 
     Arrays are dequantized, put back in Hugging Face layout and cast to ``dtype`` (np.float32 or
@@ -541,8 +470,8 @@ def iter_gguf_tensors(path, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]
     dtype = np.dtype(dtype)
     if dtype.kind != "f" and dtype.name != "bfloat16":
         raise ConfigError(f"iter_gguf_tensors dtype must be a float type, got {dtype}")
-    header = read_gguf_header(path)
-    targets = _tensor_targets(header, _config_from_header(header))
+    header = _header(source)
+    targets = _tensor_targets(header)
     unknown = [
         t.name for t in header.tensors if t.name not in targets and t.name not in _NON_PARAMETER_TENSORS
     ]
@@ -605,7 +534,7 @@ def _dequantize(path: Path, info: TensorInfo, dtype) -> np.ndarray:
 # -------------------------------------------------------------------------------------- tokenizer
 
 
-def load_gguf_tokenizer(path):
+def load_gguf_tokenizer(source: GgufSource):
     """A transformers fast tokenizer rebuilt from the vocabulary, merges and special tokens in the file.
 
     Built with transformers' GGUF tokenizer converters directly: ``AutoTokenizer(gguf_file=...)``
@@ -617,8 +546,8 @@ def load_gguf_tokenizer(path):
         convert_gguf_tokenizer,
     )
 
-    header = read_gguf_header(path)
-    arch = _architecture(header)
+    header = _header(source)
+    arch = _gguf_arch(header).name
     meta = header.metadata
     grouped = {
         group: {
@@ -657,6 +586,7 @@ def load_gguf_tokenizer(path):
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "GgufHeader",
+    "GgufSource",
     "TensorInfo",
     "iter_gguf_tensors",
     "llama3_rope_factors",

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spt_jax.models.compiled import CompileCache
 from spt_jax.models.config import ModelConfig
 from spt_jax.models.transformer import DecoderLM, positions_from_mask
 
@@ -19,7 +20,8 @@ class LM:
     """A frozen language model. ``params`` is a pure pytree; ``graphdef`` rebuilds the module.
 
     Library code calls ``nnx.merge(lm.graphdef, params)`` inside its own jitted functions, so the
-    frozen weights enter jit as ordinary (sharded, never differentiated) arguments.
+    frozen weights enter jit as ordinary (sharded, never differentiated) arguments. ``compiled``
+    holds those functions for this model alone (see `CompileCache`).
     """
 
     name: str
@@ -28,6 +30,8 @@ class LM:
     params: nnx.State
     tokenizer: object  # a transformers PreTrainedTokenizerBase
     dtype: jnp.dtype = jnp.float32
+    # Not an init field: `dataclasses.replace(lm, ...)` gives the new model a fresh cache of its own.
+    compiled: CompileCache = dataclasses.field(default_factory=CompileCache, init=False, compare=False, repr=False)
 
     @property
     def model(self) -> DecoderLM:
@@ -44,16 +48,6 @@ class LM:
             tokens = tokens[None]
         mask = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
         return _logits(self.graphdef, self.params, tokens, mask)
-
-    def generate_text(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy completion of one prompt until EOS, for notebooks and quick checks.
-
-        A thin call into `spt_jax.generate.generate` (KV cache, one compile), not a second decoder.
-        """
-        from spt_jax.generate import GenerationConfig, generate
-
-        config = GenerationConfig(max_new_tokens=max_new_tokens, stop_sequences=(), batch_size=1)
-        return generate(self, [prompt], config=config)[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from spt_jax.errors import ConfigError, DataError
+from spt_jax.sequence import cut_at_stop
 
 LETTERS = string.ascii_uppercase
 SPLITS = ("train", "validation", "test")
@@ -68,16 +69,6 @@ class ParsedAnswer:
 
 
 INVALID = ParsedAnswer(valid=False, answer=None)
-
-
-def cut_at_stop(text: str, stop_sequences: Sequence[str]) -> str:
-    """The text before the earliest occurrence of any stop sequence (all of it when none occurs)."""
-    end = len(text)
-    for stop in stop_sequences:
-        i = text.find(stop)
-        if 0 <= i < end:
-            end = i
-    return text[:end]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +301,32 @@ def choices_text(choices: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
+
+
+class Record(dict):
+    """A task record: a plain dict of its fields, plus a read-only ``label`` saying where it came from.
+
+    The label ("test[3] (id 'q7')") lets error messages name the record; it travels with the record
+    through copies and pickles (never through ``dict(record)``), so no table keyed by object id is needed.
+    """
+
+    __slots__ = ("_label",)
+
+    def __init__(self, fields: Mapping, label: str):
+        super().__init__(fields)
+        self._label = label
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    def __reduce__(self):
+        return (Record, (dict(self), self._label))
+
+
+# --------------------------------------------------------------------------------------------------
 # Task
 # --------------------------------------------------------------------------------------------------
 
@@ -337,7 +354,6 @@ class Task:
     split_names: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(_DEFAULT_SPLIT_NAMES))
     description: str = ""
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
-    _where: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -370,50 +386,46 @@ class Task:
             raise DataError(f"task {self.name!r} target_template {self.target_template!r} never uses "
                             f"{{answer}}, so every target would be the same")
 
-    def __setstate__(self, state):
-        # Record labels are keyed by object id, which a copy or unpickle changes: drop them.
-        self.__dict__.update(state, _where={})
-
     # --- records -----------------------------------------------------------------------------------
 
-    def records(self, split: str) -> list[dict]:
-        """The split's records (loaded once, each checked to render; shared dicts, do not mutate).
+    def records(self, split: str) -> list[Record]:
+        """The split's records (loaded once, each checked to render; shared, do not mutate).
 
+        Each is a `Record`: its fields, labelled with its place in the split for error messages.
         DataError if the split is unknown, absent from the data or empty, or a record cannot render.
         """
         if split not in self._cache:
-            if split not in self.split_names:
-                raise DataError(f"task {self.name!r} has no split {split!r}; "
-                                f"splits: {', '.join(self.split_names)}")
-            source_split = self.split_names[split]
-            splits = tuple(self.source.splits)
-            if source_split not in splits:
-                raise DataError(f"task {self.name!r}: split {split!r} (source split {source_split!r}) is not "
-                                f"in its data; available: {', '.join(splits) or 'none'}")
-            loaded = self.source.load(source_split)
-            if not loaded:
-                raise DataError(f"task {self.name!r}: split {split!r} is empty")
-            labelled = []
-            try:
-                for i, record in enumerate(loaded):
-                    if not isinstance(record, Mapping):
-                        raise DataError(f"task {self.name!r}: {split} record {i} is a {type(record).__name__}, "
-                                        "expected a dict of fields")
-                    # Labels are keyed by object id; the cache keeps these records alive, so ids stay unique.
-                    self._where[id(record)] = _record_label(record, f"{split}[{i}]")
-                    labelled.append(id(record))
-                    self.render_input(record)
-                    self.render_target(record)
-                    self.answer.aliases(record, where=self._describe(record))
-            except Exception:
-                for key in labelled:
-                    self._where.pop(key, None)
-                raise
-            self._cache[split] = list(loaded)
+            self._cache[split] = [self._checked(record) for record in self._labelled(split)]
         return list(self._cache[split])
 
+    def _labelled(self, split: str) -> list[Record]:
+        """The source's records of ``split`` as `Record`s labelled ``split[i]`` (and their id)."""
+        if split not in self.split_names:
+            raise DataError(f"task {self.name!r} has no split {split!r}; "
+                            f"splits: {', '.join(self.split_names)}")
+        source_split = self.split_names[split]
+        splits = tuple(self.source.splits)
+        if source_split not in splits:
+            raise DataError(f"task {self.name!r}: split {split!r} (source split {source_split!r}) is not "
+                            f"in its data; available: {', '.join(splits) or 'none'}")
+        loaded = self.source.load(source_split)
+        if not loaded:
+            raise DataError(f"task {self.name!r}: split {split!r} is empty")
+        for i, record in enumerate(loaded):
+            if not isinstance(record, Mapping):
+                raise DataError(f"task {self.name!r}: {split} record {i} is a {type(record).__name__}, "
+                                "expected a dict of fields")
+        return [Record(record, _record_label(record, f"{split}[{i}]")) for i, record in enumerate(loaded)]
+
+    def _checked(self, record: Record) -> Record:
+        """``record`` after checking that it renders (DataError naming it if not)."""
+        self.render_input(record)
+        self.render_target(record)
+        self.answer.aliases(record, where=self._describe(record))
+        return record
+
     def _describe(self, record: Mapping) -> str:
-        label = self._where.get(id(record)) or _record_label(record, None)
+        label = record.label if isinstance(record, Record) else _record_label(record, None)
         return f"task {self.name!r}, record {label}"
 
     def _choices(self, record: Mapping) -> list[str] | None:

@@ -7,14 +7,15 @@
 
 Modules, one job each: `config` (TuneConfig), `prompt` (initializers, prompt files), `data` (rows,
 buckets, data order), `step` (loss and jitted train step), `mesh` (mesh and shardings),
-`checkpoint` (Orbax), `export` (PEFT adapters), `loop` (`tune`). See docs/tuning.md.
+`checkpoint` (Orbax), `export` (PEFT adapters), `loop` (`tune` and its `PromptEvaluator` callback).
+See docs/tuning.md.
 """
 
 from spt_jax.tune.checkpoint import TuneCheckpoints
 from spt_jax.tune.config import TuneConfig
-from spt_jax.tune.data import DataOrder, Layout, collate, default_buckets
+from spt_jax.tune.data import DataOrder, ExampleEncoder, tuning_layout
 from spt_jax.tune.export import export_peft, import_peft
-from spt_jax.tune.loop import NonFiniteLossError, TuneResult, tune
+from spt_jax.tune.loop import Evaluation, NonFiniteLossError, PromptEvaluator, TuneResult, tune
 from spt_jax.tune.mesh import make_mesh, param_shardings, place_params
 from spt_jax.tune.prompt import (
     init_from_text,
@@ -29,14 +30,15 @@ from spt_jax.tune.step import TrainStep, make_optimizer, make_train_step, prompt
 
 __all__ = [
     "DataOrder",
-    "Layout",
+    "Evaluation",
+    "ExampleEncoder",
     "NonFiniteLossError",
+    "PromptEvaluator",
     "TrainStep",
     "TuneCheckpoints",
     "TuneConfig",
     "TuneResult",
-    "collate",
-    "default_buckets",
+    "tuning_layout",
     "export_peft",
     "import_peft",
     "init_from_text",

@@ -1,4 +1,5 @@
-"""Tuning checkpoints with Orbax: the prompt, optimizer state, step, data order and config.
+"""Tuning checkpoints with Orbax: the prompt, optimizer state, step, data order, config, history
+and evaluations so far (so a resumed run reports the same evaluations as an uninterrupted one).
 
 Never the frozen weights: a checkpoint is a few kilobytes whatever the model size. Orbax writes each
 step to a temporary directory and renames it when complete (atomic), and in a multi-host run the

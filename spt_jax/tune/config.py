@@ -43,7 +43,7 @@ class TuneConfig:
         8 x 96 slots) for ~10% more step time (the step is bound by memory traffic as much as by
         FLOPs); with memory to spare, False trades that memory for speed.
       append_eos: train the model to emit EOS after the target, so generation stops by itself.
-      eval_every: call ``on_eval`` every this many steps (0: only at step 0 and at the end).
+      eval_every: call the `tune` evaluator every this many steps (0: only at step 0 and at the end).
       checkpoint_every: save a checkpoint every this many steps (and at the end) when a
         checkpoint directory is given; keep_checkpoints is how many the manager keeps.
     """

@@ -1,16 +1,13 @@
-"""Tuning batches: (input, target) texts -> fixed-shape, left-padded token arrays.
+"""Tuning data: (input, target) pairs, their encoding into rows, and the seeded data order.
 
-One row follows `spt_jax.tokens`' layout (P is the soft prompt, filled in by the train step):
+Rows follow `spt_jax.sequence`'s layout (P is the soft prompt, filled in by the train step):
 
     [pad ...] [BOS]? [P x prompt slot] [input tokens] [target tokens] [EOS]
 
-Input and target are tokenized separately and without special tokens, exactly as generation sees
-the input and then produces the target. Rows are padded on the left to one of a few length
-*buckets*, and the target width to a power of two, so a whole run compiles once per bucket.
-The loss reads hidden states only at the slots that predict target tokens (``target_index``).
-
-Over-long examples lose the *left* end of their input (the question's start, usually few-shot-like
-boilerplate), never the target or the prompt; the first such cut warns, all are counted.
+`spt_jax.sequence.Layout` owns the row rules (tokenization of the parts, buckets, widths, left
+truncation); this module adds what only tuning needs: pairs from examples, lazy encoding with a
+count of the inputs cut, and the data order. Over-long examples lose the *left* end of their input,
+never the target or the prompt; the first such cut warns, all are counted.
 
 The data order is grain's seeded, random-access shuffle (reshuffled every epoch), so the whole
 order is a pure function of ``(seed, next_index)``: that pair is the resumable data state.
@@ -23,14 +20,9 @@ import warnings
 from typing import Sequence
 
 import grain
-import numpy as np
 
 from spt_jax.errors import ConfigError, DataError
-from spt_jax.tokens import bos_ids, encode
-
-MIN_BUCKET = 32
-MIN_ANSWER_WIDTH = 8
-
+from spt_jax.sequence import Encoded, Layout
 
 def as_pairs(examples) -> list[tuple[str, str]]:
     """(input, target) string pairs from tuples or objects with ``.input`` / ``.target``."""
@@ -56,75 +48,10 @@ def as_pairs(examples) -> list[tuple[str, str]]:
     return pairs
 
 
-def default_buckets(max_length: int) -> tuple[int, ...]:
-    """32, 48, 64, 96, 128, 192, ... (powers of two and the midpoints between), then max_length.
-
-    Midpoints cap padding waste at a third instead of a half, for one extra compile per octave.
-    """
-    buckets, size = [], MIN_BUCKET
-    while size < max_length:
-        buckets += [size, size * 3 // 2]
-        size *= 2
-    return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``length`` (buckets are sorted; the last is max_length)."""
-    for b in buckets:
-        if b >= length:
-            return b
-    raise ConfigError(f"sequence of {length} slots exceeds the largest length bucket {buckets[-1]}")
-
-
-def answer_width(n_targets: int) -> int:
-    """Target slots per row: a power of two >= 8, so answer-length changes rarely recompile."""
-    return max(MIN_ANSWER_WIDTH, 1 << (int(n_targets) - 1).bit_length())
-
-
-@dataclasses.dataclass(frozen=True)
-class Encoded:
-    """One example's token ids after the over-long policy was applied."""
-
-    input_ids: tuple[int, ...]
-    target_ids: tuple[int, ...]  # EOS included when the run appends it
-    truncated: int  # input tokens dropped from the left
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """The per-model constants of a row: BOS, EOS, the pad id and the prompt length."""
-
-    bos: tuple[int, ...]
-    eos: tuple[int, ...]
-    pad_id: int
-    prompt_length: int
-    max_length: int
-    buckets: tuple[int, ...]
-
-    @classmethod
-    def for_model(cls, lm, config) -> Layout:
-        from spt_jax.tokens import eos_ids
-
-        eos = ()
-        if config.append_eos:
-            tok_eos = lm.tokenizer.eos_token_id
-            ids = [tok_eos] if tok_eos is not None else eos_ids(lm)
-            if not ids:
-                raise ConfigError(
-                    f"model {lm.name!r} defines no EOS token; set TuneConfig(append_eos=False)"
-                )
-            eos = (int(ids[0]),)
-        pad = lm.tokenizer.pad_token_id
-        pad = pad if pad is not None else (lm.config.pad_token_id or 0)
-        max_length = min(config.max_length, lm.config.max_position_embeddings)
-        buckets = config.length_buckets or default_buckets(max_length)
-        buckets = tuple(b for b in buckets if b <= max_length)
-        if not buckets or buckets[-1] < max_length:
-            buckets = (*buckets, max_length)
-        return cls(tuple(bos_ids(lm.tokenizer)), eos, int(pad), config.prompt_length, max_length, buckets)
-
-    def row_length(self, ex: Encoded) -> int:
-        return len(self.bos) + self.prompt_length + len(ex.input_ids) + len(ex.target_ids)
+def tuning_layout(lm, config) -> Layout:
+    """The row layout of a `TuneConfig`: its prompt length, max length, buckets and EOS policy."""
+    return Layout.for_model(lm, prompt_length=config.prompt_length, max_length=config.max_length,
+                            append_eos=config.append_eos, buckets=config.length_buckets)
 
 
 class ExampleEncoder:
@@ -141,73 +68,23 @@ class ExampleEncoder:
         return self._cache[index]
 
     def _encode(self, index: int) -> Encoded:
-        lay = self.layout
         input_text, target_text = self.pairs[index]
-        input_ids = encode(self.tokenizer, input_text)
-        target_ids = encode(self.tokenizer, target_text) + list(lay.eos)
-        room = lay.max_length - len(lay.bos) - lay.prompt_length - len(target_ids)
-        if room < 0:
-            raise DataError(
-                f"example {index}: the target alone takes {len(target_ids)} tokens, more than "
-                f"max_length={lay.max_length} leaves after BOS and a {lay.prompt_length}-vector "
-                "prompt; raise TuneConfig.max_length or shorten the target"
-            )
-        cut = max(0, len(input_ids) - room)
-        if cut:
+        encoded = self.layout.encode_example(self.tokenizer, input_text, target_text, where=f"example {index}")
+        if encoded.truncated:
             if self.n_truncated == 0:
+                kept = len(encoded.input_ids)
                 warnings.warn(
-                    f"example {index}: input of {len(input_ids)} tokens cut from the left to {room} "
-                    f"to fit max_length={lay.max_length}; later cuts are counted in "
+                    f"example {index}: input of {kept + encoded.truncated} tokens cut from the left to "
+                    f"{kept} to fit max_length={self.layout.max_length}; later cuts are counted in "
                     "metadata['truncated_inputs']",
                     stacklevel=3,
                 )
             self.n_truncated += 1
-            input_ids = input_ids[cut:]
-        return Encoded(tuple(input_ids), tuple(target_ids), cut)
+        return encoded
 
-
-def collate(rows: Sequence[Encoded], layout: Layout) -> dict[str, np.ndarray]:
-    """Left-padded arrays for a batch of encoded rows.
-
-    Returns (B rows, T = length bucket, A = answer width):
-      tokens [B, T] int32        text ids; pad id on padding and prompt slots
-      valid [B, T] bool          False on padding
-      prompt_index [B, T] int32  0..P-1 on the prompt slots, -1 elsewhere
-      target_index [B, A] int32  the slot whose hidden state predicts each target token
-      target_ids [B, A] int32    the target tokens (EOS included), 0 past the end
-      target_mask [B, A] bool    True on real target tokens
-    """
-    lengths = [layout.row_length(r) for r in rows]
-    T = bucket_for(max(lengths), layout.buckets)
-    A = answer_width(max(len(r.target_ids) for r in rows))
-    B, P = len(rows), layout.prompt_length
-    tokens = np.full((B, T), layout.pad_id, np.int32)
-    valid = np.zeros((B, T), bool)
-    prompt_index = np.full((B, T), -1, np.int32)
-    target_index = np.zeros((B, A), np.int32)
-    target_ids = np.zeros((B, A), np.int32)
-    target_mask = np.zeros((B, A), bool)
-    for b, (row, n) in enumerate(zip(rows, lengths)):
-        start = T - n
-        valid[b, start:] = True
-        nb = len(layout.bos)
-        tokens[b, start : start + nb] = layout.bos
-        prompt_start = start + nb
-        prompt_index[b, prompt_start : prompt_start + P] = np.arange(P)
-        text = np.asarray(row.input_ids + row.target_ids, np.int32)
-        tokens[b, prompt_start + P :] = text
-        n_tgt = len(row.target_ids)
-        target_ids[b, :n_tgt] = row.target_ids
-        target_mask[b, :n_tgt] = True
-        target_index[b, :n_tgt] = np.arange(T - n_tgt, T) - 1
-    return dict(
-        tokens=tokens,
-        valid=valid,
-        prompt_index=prompt_index,
-        target_index=target_index,
-        target_ids=target_ids,
-        target_mask=target_mask,
-    )
+    def batch(self, indices: Sequence[int]) -> dict:
+        """The training arrays of these examples (`Layout.training_batch`)."""
+        return self.layout.training_batch([self(i) for i in indices])
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ The files are what ``PeftModel.save_pretrained`` writes for ``PromptTuningConfig
 one tuned with PEFT. PEFT itself is not needed for either direction.
 
 Placement differs: PEFT puts the virtual tokens before *everything* (before BOS, and before left
-padding), while spt_jax puts them right after BOS (`spt_jax.tokens`). A prompt moved across keeps
+padding), while spt_jax puts them right after BOS (`spt_jax.sequence`). A prompt moved across keeps
 its vectors but sees BOS on the other side, which usually costs a little accuracy; re-tune a few
 steps if exact behaviour matters.
 """

@@ -1,4 +1,4 @@
-"""`tune()`: the soft-prompt tuning run, with checkpoints, evaluation hooks and resumption.
+"""`tune()`: the soft-prompt tuning run, with checkpoints, periodic evaluation and resumption.
 
 Every host runs this same loop (multi-controller JAX): each builds the same global batch from the
 seeded data order and hands its own rows to `jax.make_array_from_process_local_data`; Orbax writes
@@ -8,8 +8,10 @@ checkpoints once. Only the prompt and optimizer state change; ``lm.params`` is r
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
-from typing import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ from jax.sharding import Mesh
 from spt_jax.errors import ConfigError, SptError
 from spt_jax.tune.checkpoint import TuneCheckpoints
 from spt_jax.tune.config import RESUMABLE_CHANGES, TuneConfig
-from spt_jax.tune.data import DataOrder, ExampleEncoder, Layout, as_pairs, collate
+from spt_jax.tune.data import DataOrder, ExampleEncoder, as_pairs, tuning_layout
 from spt_jax.tune.mesh import (
     DATA,
     MODEL,
@@ -46,13 +48,43 @@ class NonFiniteLossError(SptError, FloatingPointError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What a `PromptEvaluator` measured on the prompt after ``step`` optimizer steps."""
+
+    step: int
+    metrics: Mapping[str, float]  # named by the evaluator; the loop never reads them
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Evaluation:
+        return cls(step=int(data["step"]), metrics=dict(data["metrics"]))
+
+
+class PromptEvaluator(Protocol):
+    """Measures a prompt during tuning: called with the step and a host copy of the prompt ``[P, D]``.
+
+    Called at step 0, every ``TuneConfig.eval_every`` steps and at the last step; returns named real
+    numbers (str keys), which `tune` records as an `Evaluation` without reading them.
+    """
+
+    def __call__(self, step: int, prompt: jax.Array) -> Mapping[str, float]: ...
+
+
+@dataclasses.dataclass(frozen=True)
 class TuneResult:
-    """A tuned prompt ``[P, D]`` float32, per-step history, the config and run metadata."""
+    """A tuned prompt ``[P, D]`` float32, per-step history, the config, run metadata and evaluations.
+
+    ``history`` has one record per optimizer step; ``evaluations`` what the evaluator measured, in
+    step order (those of an interrupted run included, when it was resumed from a checkpoint).
+    """
 
     prompt: jax.Array
     history: list[dict]
     config: TuneConfig
     metadata: dict
+    evaluations: tuple[Evaluation, ...] = ()
 
     def save(self, path):
         """Write the prompt file (with metadata and config) via `save_prompt`."""
@@ -71,7 +103,7 @@ def tune(
     *,
     mesh: Mesh | None = None,
     checkpoint_dir=None,
-    on_eval: Callable[[int, jax.Array], dict] | None = None,
+    evaluator: PromptEvaluator | None = None,
     progress: bool = True,
 ) -> TuneResult:
     """Tune a soft prompt on ``examples`` ((input, target) pairs or objects with .input/.target).
@@ -81,8 +113,8 @@ def tune(
       config: the run's `TuneConfig`.
       mesh: a ``(data, model)`` mesh from `make_mesh`; default: all devices, data axis first.
       checkpoint_dir: save here every ``config.checkpoint_every`` steps and resume from the newest.
-      on_eval: ``on_eval(step, prompt) -> dict`` at step 0, every ``config.eval_every`` steps and
-        at the end; its dict is merged into that step's history record.
+      evaluator: a `PromptEvaluator`, called at step 0, every ``config.eval_every`` steps and at
+        the end; what it returns lands in ``TuneResult.evaluations``, never in the history.
       progress: show a progress bar (on the first host).
     Raises:
       NonFiniteLossError: a step's loss or gradient was not finite.
@@ -92,7 +124,7 @@ def tune(
     pairs = as_pairs(examples)
     mesh = mesh if mesh is not None else default_mesh(config.batch_size)
     check_batch_divides(config.batch_size, mesh)
-    layout = Layout.for_model(lm, config)
+    layout = tuning_layout(lm, config)
     encoder = ExampleEncoder(lm.tokenizer, pairs, layout)
     params = place_params(lm.params, mesh)
     train_step = make_train_step(lm, config, mesh)
@@ -108,25 +140,26 @@ def tune(
     try:
         if checkpoints is not None:
             _resume(run, checkpoints, config, model_meta, len(pairs), repl)
-        if run.step == 0 and on_eval is not None:
-            run.history.append({"step": 0, **_evaluate(on_eval, 0, run.prompt)})
+        if run.step == 0 and evaluator is not None:
+            run.evaluations.append(_evaluate(evaluator, 0, run.prompt))
 
         with _progress_bar(config.steps, run.step, progress) as bar:
             while run.step < config.steps:
                 step = run.step + 1
-                host_batch = collate([encoder(i) for i in run.order.take(config.batch_size)], layout)
+                host_batch = encoder.batch(run.order.take(config.batch_size))
                 record = _train_one_step(run, train_step, params, global_batch(host_batch, mesh), step)
                 if not record.pop("finite"):
                     raise _non_finite(run, record, checkpoints)
-                if on_eval is not None and _due(step, config.eval_every, config.steps):
-                    record.update(_evaluate(on_eval, step, run.prompt))
+                if evaluator is not None and _due(step, config.eval_every, config.steps):
+                    run.evaluations.append(_evaluate(evaluator, step, run.prompt))
                 run.history.append(record)
                 run.step = step
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if checkpoints is not None and _due(step, config.checkpoint_every, config.steps):
                     meta = {"step": step, "data_state": run.order.state(), "config": config.to_dict(),
-                            "model": model_meta, "history": run.history}
+                            "model": model_meta, "history": run.history,
+                            "evaluations": [e.to_dict() for e in run.evaluations]}
                     checkpoints.save(step, run.prompt, run.opt_state, meta)
                     run.last_saved = step
     finally:
@@ -150,7 +183,8 @@ def tune(
         "process_count": jax.process_count(),
         "train_time_s": time.perf_counter() - run_start,
     }
-    return TuneResult(prompt=_host_copy(run.prompt), history=run.history, config=config, metadata=metadata)
+    return TuneResult(prompt=_host_copy(run.prompt), history=run.history, config=config, metadata=metadata,
+                      evaluations=tuple(run.evaluations))
 
 
 @dataclasses.dataclass
@@ -162,6 +196,7 @@ class _Run:
     order: DataOrder
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
+    evaluations: list = dataclasses.field(default_factory=list)  # of Evaluation
     resumed_from: int | None = None
     last_saved: int | None = None
     shapes_used: set = dataclasses.field(default_factory=set)  # (length bucket, answer width) this call
@@ -228,16 +263,24 @@ def _resume(run: _Run, checkpoints: TuneCheckpoints, config: TuneConfig, model_m
     run.prompt, run.opt_state = state["prompt"], state["opt_state"]
     run.order = DataOrder.from_state(meta["data_state"], n_examples)
     run.history = list(meta["history"])
+    run.evaluations = [Evaluation.from_dict(e) for e in meta.get("evaluations", [])]
     run.step = run.resumed_from = run.last_saved = step
 
 
-def _evaluate(on_eval, step: int, prompt) -> dict:
-    out = on_eval(step, _host_copy(prompt))
-    if out is None:
-        return {}
-    if not isinstance(out, dict):
-        raise ConfigError(f"on_eval must return a dict (or None), got {type(out).__name__} at step {step}")
-    return dict(out)
+def _evaluate(evaluator: PromptEvaluator, step: int, prompt) -> Evaluation:
+    """Call the evaluator on a host copy of the prompt and check what it returned."""
+    metrics = evaluator(step, _host_copy(prompt))
+    if not isinstance(metrics, Mapping):
+        raise ConfigError(f"the evaluator must return a mapping of metric names to numbers, got "
+                          f"{type(metrics).__name__} at step {step}")
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"the evaluator returned a metric named {name!r} at step {step}; "
+                              "metric names must be strings")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"the evaluator returned {name}={value!r} at step {step}; "
+                              "metric values must be real numbers")
+    return Evaluation(step=step, metrics={name: float(value) for name, value in metrics.items()})
 
 
 def _check_resumable(meta: dict, config: TuneConfig, model_meta: dict, directory) -> None:

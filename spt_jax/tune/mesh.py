@@ -1,9 +1,13 @@
 """Device mesh and shardings for tuning: batch over ``data``, frozen weights over ``model``.
 
-The prompt and optimizer state are tiny ([P, D]) and replicated. Frozen weights are split by name:
-the head / d_ff axis of the projections that fan out (q, k, v, gate, up), the input axis of the ones
-that fan in (o, down), the vocabulary (else d_model) of the embedding and output head. A tensor whose
-axis does not divide by the ``model`` axis size stays replicated, so any mesh works for any model.
+The prompt and optimizer state are tiny ([P, D]) and replicated. Frozen weights are split by the
+`ShardRule`s of their model family (``Family.shardings`` in `spt_jax.models.families`): the head /
+d_ff axis of the projections that fan out (q, k, v, gate, up), the input axis of the ones that fan in
+(o, down), the vocabulary (else d_model) of the embedding and output head; norms and the biases added
+after a reduction are replicated, by explicit rule. Every parameter must match exactly one rule: none
+or two is a bug in the family's table and raises `ShardingRuleError`, so a renamed parameter cannot
+silently stop being sharded. A tensor whose axis does not divide by the ``model`` axis size stays
+replicated, so any mesh works for any model.
 """
 
 from __future__ import annotations
@@ -16,22 +20,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from spt_jax.errors import ConfigError
+from spt_jax.models.config import ModelConfig
+from spt_jax.models.families import ANY_FAMILY_SHARDINGS, Family, ShardRule, family_for
 
 DATA, MODEL = "data", "model"
-
-# Parameter name (dotted, as in the model's nnx.State) -> axes to try, counted from the end so one
-# rule serves stacked [L, ...] layer weights and unstacked ones alike. The first divisible axis wins.
-SHARDING_RULES: tuple[tuple[str, tuple[int, ...]], ...] = (
-    (r"(.*\.)?attn\.(q|k|v)_proj", (-2,)),  # [L, D, H|K, d]: over heads
-    (r"(.*\.)?attn\.(q|k|v)_bias", (-2,)),  # [L, H|K, d]
-    (r"(.*\.)?attn\.o_proj", (-3,)),  # [L, H, d, D]: over its input heads
-    (r"(.*\.)?mlp\.(gate|up)_proj", (-1,)),  # [L, D, F]: over d_ff
-    (r"(.*\.)?mlp\.(gate|up)_bias", (-1,)),  # [L, F]
-    (r"(.*\.)?mlp\.down_proj", (-2,)),  # [L, F, D]: over its input d_ff
-    (r"embed_tokens", (-2, -1)),  # [V, D]: vocabulary, else d_model
-    (r"lm_head", (-1, -2)),  # [D, V]
-)
-
 
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     """A ``(data, model)`` mesh over all devices (of every process); ``data`` defaults to the rest."""
@@ -59,28 +51,55 @@ def _path_name(path) -> str:
     return ".".join(str(k) for k in keys if k is not None)
 
 
-def spec_for(name: str, shape: tuple[int, ...], model_size: int) -> PartitionSpec:
-    """The PartitionSpec of one frozen parameter under `SHARDING_RULES`."""
-    for pattern, axes in SHARDING_RULES:
-        if re.fullmatch(pattern, name):
-            for axis in axes:
-                if len(shape) >= -axis and shape[axis] % model_size == 0 and model_size > 1:
-                    spec = [None] * len(shape)
-                    spec[axis] = MODEL
-                    return PartitionSpec(*spec)
-            break
-    return PartitionSpec()
+class ShardingRuleError(LookupError):
+    """A parameter that no sharding rule, or more than one, of its family matches (a table bug)."""
 
 
-def param_shardings(state, mesh: Mesh):
+def shard_rule(name: str, family: Family | None = None) -> ShardRule:
+    """The one `ShardRule` of ``family`` (of every family when None) that matches ``name``."""
+    if family is None:
+        label, rules = "any family", ANY_FAMILY_SHARDINGS
+    else:
+        label, rules = f"family {family.name!r}", family.shardings
+    matches = [rule for rule in rules if re.fullmatch(rule.pattern, name)]
+    if not matches:
+        raise ShardingRuleError(
+            f"parameter {name!r} matches no sharding rule of {label}; add a ShardRule "
+            "(REPLICATED if it stays whole) to the family's shardings in spt_jax/models/families.py"
+        )
+    if len(matches) > 1:
+        raise ShardingRuleError(
+            f"parameter {name!r} matches {len(matches)} sharding rules of {label} "
+            f"({', '.join(repr(r.pattern) for r in matches)}); each parameter needs exactly one"
+        )
+    return matches[0]
+
+
+def spec_for(
+    name: str, shape: tuple[int, ...], model_size: int, family: Family | None = None
+) -> PartitionSpec:
+    """The PartitionSpec of one frozen parameter under its family's rule (see `shard_rule`)."""
+    for axis in shard_rule(name, family).axes:
+        if len(shape) >= -axis and shape[axis] % model_size == 0 and model_size > 1:
+            spec = [None] * len(shape)
+            spec[axis] = MODEL
+            return PartitionSpec(*spec)
+    return PartitionSpec()  # replicated by rule, or no axis divides by the model axis size
+
+
+def param_shardings(state, mesh: Mesh, config: ModelConfig | None = None):
     """A pytree like ``state`` (abstract or real nnx.State) holding each leaf's NamedSharding.
 
-    Use it to load straight onto the mesh:
-    ``spt_jax.models.load(name, shardings=lambda s: param_shardings(s, mesh))``.
+    ``config`` picks the family whose rules apply (by ``config.model_type``); without it every
+    family's rules are used, which still refuses a parameter no rule names. Use it to load straight
+    onto the mesh: ``spt_jax.models.load(name, shardings=lambda s: param_shardings(s, mesh))``.
     """
     model_size = mesh.shape[MODEL]
+    family = family_for(config.model_type) if config is not None else None
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, spec_for(_path_name(path), tuple(leaf.shape), model_size)),
+        lambda path, leaf: NamedSharding(
+            mesh, spec_for(_path_name(path), tuple(leaf.shape), model_size, family)
+        ),
         state,
     )
 
@@ -94,12 +113,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA))
 
 
-def place_params(params, mesh: Mesh):
+def place_params(params, mesh: Mesh, config: ModelConfig | None = None):
     """Frozen weights on their mesh shardings; arrays already placed so are returned untouched.
 
     Loading with ``shardings=`` avoids any move here; otherwise each tensor moves once, up front.
+    ``config`` picks the family's sharding rules, as in `param_shardings`.
     """
-    shardings = param_shardings(params, mesh)
+    shardings = param_shardings(params, mesh, config)
 
     def place(x, s):
         if getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(s, x.ndim):

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from spt_jax.errors import ConfigError, DataError
-from spt_jax.tokens import encode
+from spt_jax.sequence import encode
 from spt_jax.tune.config import TuneConfig
 
 PROMPT_FORMAT = "spt_jax.prompt/1"

@@ -19,7 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from spt_jax.models.compiled import CompileCache
 from spt_jax.models.transformer import positions_from_mask
+from spt_jax.sequence import place_prompt
 from spt_jax.tune.config import TuneConfig
 from spt_jax.tune.mesh import batch_sharding, param_shardings, replicated
 
@@ -51,10 +53,7 @@ def make_optimizer(config: TuneConfig) -> optax.GradientTransformation:
 
 def prompt_embeddings(model, prompt: jax.Array, batch: dict) -> jax.Array:
     """Token embeddings with the prompt's vectors written into its slots: ``[B, T, D]``."""
-    embeds = model.embed(batch["tokens"])  # [B, T, D]
-    index = batch["prompt_index"]  # [B, T], -1 off the prompt
-    from_prompt = jnp.take(prompt.astype(embeds.dtype), jnp.maximum(index, 0), axis=0)  # [B, T, D]
-    return jnp.where((index >= 0)[..., None], from_prompt, embeds)
+    return place_prompt(model.embed(batch["tokens"]), prompt, batch["prompt_index"])
 
 
 def prompt_loss(prompt, params, batch, *, graphdef, remat: bool = False):
@@ -79,26 +78,28 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainStep:
     """``step(prompt, opt_state, params, batch) -> (prompt, opt_state, metrics)``, jitted once per shape.
 
     ``prompt`` and ``opt_state`` are donated (their buffers are reused for the outputs). A step whose
     loss or gradient is not finite returns the *incoming* prompt and optimizer state unchanged, with
     ``metrics["finite"]`` False, so the caller still holds the last good values. ``compilations``
-    counts traces, i.e. XLA compilations, one per new batch shape.
+    counts this step's traces in its model's `CompileCache` (under ``name``), i.e. its XLA
+    compilations: one per new batch shape.
     """
 
     jitted: Callable
     optimizer: optax.GradientTransformation
-    traces: list = dataclasses.field(default_factory=list)
+    name: str
+    cache: CompileCache = dataclasses.field(repr=False)
 
     def __call__(self, prompt, opt_state, params, batch):
         return self.jitted(prompt, opt_state, params, batch)
 
     @property
     def compilations(self) -> int:
-        return len(self.traces)
+        return self.cache.compilations(self.name)
 
     def init(self, prompt) -> optax.OptState:
         return self.optimizer.init(prompt)
@@ -108,35 +109,37 @@ class TrainStep:
 _STEP_FIELDS = (
     "learning_rate", "optimizer", "schedule", "warmup_steps", "weight_decay", "max_grad_norm", "remat",
 )
-_STEP_CACHE: dict = {}
 
 
 def make_train_step(lm, config: TuneConfig, mesh: Mesh | None = None) -> TrainStep:
     """The prompt-only train step for ``lm`` under ``config``, with explicit shardings on ``mesh``.
 
-    Without a mesh the step is jitted with the shardings its arguments arrive in. Steps are cached
-    per (model definition, mesh, step settings), so repeated runs (resumption, sweeps over seeds or
-    data) reuse compilations; ``compilations`` keeps counting across them.
+    Without a mesh the step is jitted with the shardings its arguments arrive in. The step lives in
+    ``lm.compiled``, keyed by (mesh, step settings), so repeated runs on the model (resumption,
+    sweeps over seeds or data) reuse its compilations; ``compilations`` keeps counting across them.
     """
-    fields = tuple(getattr(config, f) for f in _STEP_FIELDS)
-    if config.schedule != "constant":
-        fields += (config.steps,)
-    key = (lm.graphdef, mesh, fields)
-    if key not in _STEP_CACHE:
-        if len(_STEP_CACHE) >= 16:
-            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-        _STEP_CACHE[key] = _build_train_step(lm, config, mesh)
-    return _STEP_CACHE[key]
+    settings = _step_settings(config)
+    name = _step_name(mesh, settings)
+    return lm.compiled.memo(("train_step", mesh, settings), lambda: _build_train_step(lm, config, mesh, name))
 
 
-def _build_train_step(lm, config: TuneConfig, mesh: Mesh | None) -> TrainStep:
+def _step_settings(config: TuneConfig) -> tuple[tuple[str, object], ...]:
+    """The (field, value) pairs the compiled step depends on: the schedule's length only if it decays."""
+    fields = _STEP_FIELDS if config.schedule == "constant" else (*_STEP_FIELDS, "steps")
+    return tuple((f, getattr(config, f)) for f in fields)
+
+
+def _step_name(mesh: Mesh | None, settings) -> str:
+    """A name for the step's trace counter, distinct for each distinct (mesh, settings) key."""
+    where = "no mesh" if mesh is None else f"{mesh!r} on devices {mesh.device_ids.ravel().tolist()}"
+    return f"train_step[{where}; {', '.join(f'{k}={v!r}' for k, v in settings)}]"
+
+
+def _build_train_step(lm, config: TuneConfig, mesh: Mesh | None, name: str) -> TrainStep:
     optimizer = make_optimizer(config)
-    graphdef = lm.graphdef
-    loss_fn = functools.partial(prompt_loss, graphdef=graphdef, remat=config.remat)
-    traces: list = []
+    loss_fn = functools.partial(prompt_loss, graphdef=lm.graphdef, remat=config.remat)
 
     def step(prompt, opt_state, params, batch):
-        traces.append(jax.tree.map(lambda x: x.shape, batch))  # runs once per trace = per compile
         (loss, count), grad = jax.value_and_grad(loss_fn, has_aux=True)(prompt, params, batch)
         updates, new_opt_state = optimizer.update(grad, opt_state, prompt)
         new_prompt = optax.apply_updates(prompt, updates)
@@ -147,14 +150,15 @@ def _build_train_step(lm, config: TuneConfig, mesh: Mesh | None) -> TrainStep:
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grad), "n_targets": count, "finite": finite}
         return new_prompt, new_opt_state, metrics
 
+    counted = lm.compiled.counted(name, step)  # counts once per trace = per compilation
     if mesh is None:
-        jitted = jax.jit(step, donate_argnums=(0, 1))
+        jitted = jax.jit(counted, donate_argnums=(0, 1))
     else:
         repl = replicated(mesh)
         jitted = jax.jit(
-            step,
+            counted,
             donate_argnums=(0, 1),
             in_shardings=(repl, repl, param_shardings(lm.params, mesh), batch_sharding(mesh)),
             out_shardings=(repl, repl, repl),
         )
-    return TrainStep(jitted=jitted, optimizer=optimizer, traces=traces)
+    return TrainStep(jitted=jitted, optimizer=optimizer, name=name, cache=lm.compiled)

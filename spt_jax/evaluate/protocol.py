@@ -1,0 +1,290 @@
+"""The protocol: every configured mode on the same test items, then the references, then results.
+
+`evaluate` runs one model x one task. The collaborators that touch the model (generation, choice
+scoring, tuning) come in as `Backends`, so tests and other runtimes pass their own instead of
+patching modules. Tuning knows nothing about evaluation: the validity-vs-step curve is a
+`ValidityCurve` handed to `spt_jax.tune.tune` as its `PromptEvaluator`, and its points come back as
+the typed `TuneResult.evaluations`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spt_jax.evaluate import results as res
+from spt_jax.evaluate.config import EvalConfig
+from spt_jax.evaluate.modes import ModeRun, get_mode, reference_modes, score_outputs
+
+
+def _default_generate(*args, **kwargs):
+    from spt_jax.generate import generate
+
+    return generate(*args, **kwargs)
+
+
+def _default_score(*args, **kwargs):
+    from spt_jax.scoring import choice_loglikelihoods
+
+    return choice_loglikelihoods(*args, **kwargs)
+
+
+def _default_tune(*args, **kwargs):
+    from spt_jax.tune import tune
+
+    return tune(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backends:
+    """What the protocol calls to run the model; each has the signature of the library function.
+
+    generate: `spt_jax.generate.generate`; score: `spt_jax.scoring.choice_loglikelihoods`;
+    tune: `spt_jax.tune.tune`.
+    """
+
+    generate: Callable[..., list[str]] = _default_generate
+    score: Callable[..., list] = _default_score
+    tune: Callable[..., Any] = _default_tune
+
+
+# --------------------------------------------------------------------------------------------------
+# items
+
+
+def select_test(task, n_test: int | None, seed: int) -> list[tuple[int, dict]]:
+    """(index in the test split, record) for the evaluated items: all, or a seeded sample, in order."""
+    records = task.records("test")
+    if n_test is None or n_test >= len(records):
+        return list(enumerate(records))
+    picks = np.sort(np.random.default_rng(seed).choice(len(records), size=n_test, replace=False))
+    return [(int(i), records[int(i)]) for i in picks]
+
+
+def curve_records(task, n: int, seed: int) -> tuple[str, list[dict]]:
+    """The fixed items of the validity-vs-step curve: the validation split, else a train sample."""
+    split = "validation"
+    source_split = task.split_names.get("validation")
+    if source_split is None or source_split not in tuple(task.source.splits):
+        split = "train"
+    records = task.records(split)
+    if n < len(records):
+        picks = np.sort(np.random.default_rng(seed + 1).choice(len(records), size=n, replace=False))
+        records = [records[int(i)] for i in picks]
+    return split, records
+
+
+def generation_config(task, config: EvalConfig):
+    from spt_jax.generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=config.max_new_tokens or task.max_new_tokens,
+                            stop_sequences=tuple(task.stop_sequences), batch_size=config.batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# the validity curve and tuning
+
+
+@dataclasses.dataclass
+class ValidityCurve:
+    """A `spt_jax.tune.PromptEvaluator`: format validity and accuracy on fixed validation items."""
+
+    lm: Any
+    task: Any
+    split: str
+    records: list
+    config: Any  # GenerationConfig
+    generate: Callable[..., list[str]]
+
+    @classmethod
+    def for_task(cls, lm, task, config: EvalConfig, backends: Backends) -> ValidityCurve:
+        split, records = curve_records(task, config.n_curve, config.seed)
+        return cls(lm, task, split, records, generation_config(task, config), backends.generate)
+
+    def __call__(self, step: int, prompt) -> dict[str, float]:
+        inputs = [self.task.render_input(r) for r in self.records]
+        rows = score_outputs(self.task, self.records, self.generate(self.lm, inputs, soft_prompt=prompt,
+                                                                    config=self.config))
+        return {"format_validity": float(np.mean([r["valid"] for r in rows])),
+                "accuracy": float(np.mean([r["correct"] for r in rows])), "n": float(len(rows))}
+
+    def points(self, evaluations) -> list[dict]:
+        """The curve as results.json stores it, from `TuneResult.evaluations`."""
+        return [{"step": int(e.step), "split": self.split, "n": int(e.metrics["n"]),
+                 "format_validity": float(e.metrics["format_validity"]), "accuracy": float(e.metrics["accuracy"])}
+                for e in evaluations]
+
+
+def tune_soft_prompt(lm, task, config: EvalConfig, *, backends: Backends = Backends(), progress: bool = True,
+                     checkpoint_dir=None, mesh=None):
+    """Tune a soft prompt on the task's train split, tracking format validity on a validation subset.
+
+    Returns ``(TuneResult, curve)``; ``curve`` has one ``{"step", "split", "n", "format_validity",
+    "accuracy"}`` point per evaluation (step 0, every ``eval_every`` steps, the end).
+    """
+    curve = ValidityCurve.for_task(lm, task, config, backends) if config.eval_every > 0 else None
+    tune_config = config.tune.replace(eval_every=config.eval_every) if curve is not None else config.tune
+    result = backends.tune(lm, task.examples("train"), tune_config, mesh=mesh, checkpoint_dir=checkpoint_dir,
+                           evaluator=curve, progress=progress)
+    return result, (curve.points(result.evaluations) if curve is not None else [])
+
+
+def steps_done(result) -> int:
+    steps = [int(h["step"]) for h in (result.history or []) if isinstance(h, Mapping) and "step" in h]
+    return max(steps) if steps else int(result.config.steps)
+
+
+def last_loss(history: Sequence[Mapping]):
+    for entry in reversed(history):
+        if isinstance(entry, Mapping) and isinstance(entry.get("loss"), (int, float)):
+            return float(entry["loss"])
+    return None
+
+
+def tuning_record(result, curve: list[dict], tune_time: float) -> dict:
+    """What results.json's ``tuning`` (and tuning.json) say about a tuning run."""
+    history = res.jsonable(result.history or [])
+    return {"source": "tuned", "steps": steps_done(result), "tune_config": res.jsonable(result.config),
+            "metadata": res.jsonable(result.metadata or {}), "curve": curve, "history": history,
+            "final_loss": last_loss(history), "tune_time_s": tune_time}
+
+
+# --------------------------------------------------------------------------------------------------
+# one evaluation
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """What a mode sees: the model, the task, the settings, the items and the backends."""
+
+    lm: Any
+    task: Any
+    config: EvalConfig
+    items: list[tuple[int, dict]]
+    backends: Backends = Backends()
+    progress: bool = False
+    saved_prompt: Any = None
+
+    @property
+    def records(self) -> list[dict]:
+        return [record for _, record in self.items]
+
+    @property
+    def generation_config(self):
+        return generation_config(self.task, self.config)
+
+    def curve_records(self):
+        return curve_records(self.task, self.config.n_curve, self.config.seed)
+
+    def tune_prompt(self):
+        """Tune a prompt now: ``(prompt, tuning record)``."""
+        t0 = time.perf_counter()
+        result, curve = tune_soft_prompt(self.lm, self.task, self.config, backends=self.backends,
+                                         progress=self.progress)
+        return result.prompt, tuning_record(result, curve, time.perf_counter() - t0)
+
+
+def modes_to_run(task, config: EvalConfig) -> list:
+    """The configured generation modes in order, then every reference scorer that applies."""
+    return [get_mode(m) for m in config.modes] + [m for m in reference_modes() if m.applies(task, config)]
+
+
+def check_inputs(task, config: EvalConfig) -> None:
+    """Raise the DataError/ConfigError that ``evaluate`` would hit on this task's data, cheaply.
+
+    Loads (and checks) every split the configured modes read: test; train for k-shot demos and for
+    tuning; the curve's validation items. An empty split, k larger than the train split, a template
+    placeholder with no data or a gold answer of the wrong type all surface here.
+    """
+    ctx = EvalContext(lm=None, task=task, config=config, items=select_test(task, config.n_test, config.seed))
+    for mode in modes_to_run(task, config):
+        mode.check(ctx)
+
+
+def evaluate(
+    lm,
+    task,
+    config: EvalConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    backends: Backends = Backends(),
+) -> dict:
+    """Run the configured modes of ``task`` on ``lm`` and write the results into ``out_dir``.
+
+    Returns the results dict (the content of results.json, see docs/results_schema.md). ``out_dir`` is
+    refused when it already holds results unless ``overwrite``; ``None`` writes nothing. Bad input
+    (an empty split, k larger than the train split, a missing field) raises before any model work.
+    """
+    from spt_jax.tasks import get_task
+
+    config = config or EvalConfig()
+    task = get_task(task)
+    log = log or (lambda message: None)
+    out = res.check_out_dir(out_dir, overwrite) if out_dir is not None else None
+    started = time.perf_counter()
+
+    check_inputs(task, config)  # bad data fails here, before minutes of model work
+    saved_prompt = None
+    if "soft_prompt" in config.modes and config.prompt_file is not None:
+        from spt_jax.tune import load_prompt
+
+        saved_prompt, _ = load_prompt(config.prompt_file, lm)  # a prompt for another model fails now
+    ctx = EvalContext(lm=lm, task=task, config=config, items=select_test(task, config.n_test, config.seed),
+                      backends=backends, progress=progress, saved_prompt=saved_prompt)
+
+    runs: dict[str, ModeRun] = {}
+    for mode in modes_to_run(task, config):
+        log(mode.announce(ctx))
+        t0 = time.perf_counter()
+        runs[mode.name] = mode.run(ctx)
+        runs[mode.name].wall_time_s = time.perf_counter() - t0
+
+    results = res.assemble(lm, task, config, ctx.items, runs, time.perf_counter() - started)
+    if out is not None:
+        res.write_outputs(out, results, res.predictions(ctx.items, runs), lm=lm, task=task, runs=runs)
+    return results
+
+
+def tune_outputs(lm, task, config: EvalConfig, out_dir, *, overwrite: bool = False, checkpoint_dir=None,
+                 mesh=None, progress: bool = True, backends: Backends = Backends()) -> dict:
+    """Tune only (``spt-jax tune``): write the prompt file, tuning.json and the validity-curve plot."""
+    from spt_jax import report
+    from spt_jax.tune import save_prompt
+
+    out = res.check_out_dir(out_dir, overwrite, marker=res.TUNING_FILE)
+    check_inputs(task, config.replace(modes=("soft_prompt",), prompt_file=None, loglik=False))
+    t0 = time.perf_counter()
+    result, curve = tune_soft_prompt(lm, task, config, backends=backends, progress=progress,
+                                     checkpoint_dir=checkpoint_dir, mesh=mesh)
+    record = tuning_record(result, curve, time.perf_counter() - t0)
+    save_prompt(out / res.PROMPT_FILE, result.prompt, res.prompt_metadata(lm, task, config.seed, record["steps"]))
+    summary = {
+        "schema_version": res.SCHEMA_VERSION,
+        "created": res.now_utc(),
+        "model": res.model_info(lm),
+        "task": {"name": task.name, "description": task.description},
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "versions": res.versions(),
+        "steps": record["steps"],
+        "curve": curve,
+        "history": record["history"],
+        "final_loss": record["final_loss"],
+        "tune_time_s": record["tune_time_s"],
+        "files": {"prompt": res.PROMPT_FILE, "tuning": res.TUNING_FILE},
+    }
+    if curve:
+        title = f"{lm.name} on {task.name}: soft-prompt tuning"
+        summary["files"]["curve_plot"] = report.plot_tuning_curve(curve, out / report.CURVE_PLOT, title,
+                                                                  record["history"]).name
+    res.write_json(out / res.TUNING_FILE, summary)
+    return summary

@@ -1,0 +1,252 @@
+"""Results: output folders, assembly of results.json's rows, writing and loading the files.
+
+One place decides what a results folder holds (schema: docs/results_schema.md) and writes it:
+predictions.jsonl, the tuned prompt (through `spt_jax.tune.save_prompt`, the one prompt-file format),
+the plots, results.md and, last, results.json, whose presence marks a complete folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from spt_jax import metrics
+from spt_jax.errors import ConfigError, DataError
+from spt_jax.evaluate.modes import ModeRun, get_mode
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+REPORT_FILE = "results.md"
+PROMPT_FILE = "soft_prompt.safetensors"
+TUNING_FILE = "tuning.json"
+COMPARE_FILE = "compare.json"
+COMPARE_REPORT_FILE = "compare.md"
+
+
+# --------------------------------------------------------------------------------------------------
+# output folders
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str = RESULTS_FILE) -> Path:
+    """The results directory, created; refuses one that already holds results (``marker``) unless
+    ``overwrite``, so a finished run is never replaced by accident."""
+    from spt_jax import report
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory")
+    if (out / marker).exists():
+        if not overwrite:
+            raise ConfigError(f"{out} already holds results ({marker}); choose another directory or "
+                              "pass overwrite=True (--overwrite) to replace them")
+        for name in (RESULTS_FILE, PREDICTIONS_FILE, REPORT_FILE, PROMPT_FILE, TUNING_FILE, COMPARE_FILE,
+                     COMPARE_REPORT_FILE, *report.PLOT_FILES):  # only our own files: no stale plot survives
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def timestamped_dir(parent: str | os.PathLike, label: str) -> Path:
+    """A fresh ``parent/YYYYmmdd-HHMMSS_label`` directory (suffixed -2, -3... if that exists)."""
+    parent = Path(parent).expanduser()
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"output path {parent} exists and is not a directory")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = safe_name(label) or "run"
+    for n in itertools.count(1):
+        candidate = parent / (f"{stamp}_{safe}" if n == 1 else f"{stamp}_{safe}-{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def safe_name(name: str) -> str:
+    """A folder name from a label (a model or task name, which may be a path)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON
+
+
+def jsonable(value):
+    """Dataclasses, numpy scalars/arrays, tuples and paths as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None  # NaN is null: every reader can load it
+    if isinstance(value, np.ndarray) or type(value).__module__.startswith("jax"):
+        array = np.asarray(value)
+        return jsonable(array.tolist()) if array.size <= 64 else f"<array {array.shape} {array.dtype}>"
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def write_json(path: Path, data) -> None:
+    """JSON with NaN written as null, so every reader (not only Python's) can load it."""
+    Path(path).write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """A results.json (or the directory holding one)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"no results file at {path}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# what a results file records
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    """Versions that decide whether two results files are comparable."""
+    import spt_jax
+
+    out = {"spt_jax": spt_jax.__version__, "python": platform.python_version()}
+    for package in ("jax", "jaxlib", "flax", "optax", "transformers", "tokenizers"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    try:
+        import jax
+
+        out["backend"] = jax.default_backend()
+        out["devices"] = len(jax.devices())
+    except Exception:  # a broken backend must not lose the results
+        out["backend"] = None
+    return out
+
+
+def model_info(lm) -> dict:
+    config = lm.config
+    return {"name": str(lm.name), "model_type": config.model_type, "d_model": config.d_model,
+            "n_layers": config.n_layers, "vocab_size": config.vocab_size, "n_params": int(lm.n_params),
+            "dtype": np.dtype(lm.dtype).name}
+
+
+def prompt_metadata(lm, task, seed: int, steps: int) -> dict:
+    """What a prompt file records: the model identity `load_prompt` checks, plus how it was made."""
+    import spt_jax
+    from spt_jax.tune.prompt import model_metadata
+
+    return {**model_metadata(lm), "task": task.name, "steps": int(steps), "seed": int(seed),
+            "spt_jax": spt_jax.__version__}
+
+
+def predictions(items, runs: Mapping[str, ModeRun]) -> list[dict]:
+    """One row per item per mode: what the model saw, said, and how it was scored."""
+    return [{"mode": mode, "index": index, "id": record.get("id"), "input": text, "output": output, **row}
+            for mode, run in runs.items()
+            for (index, record), text, output, row in zip(items, run.inputs, run.outputs, run.scored)]
+
+
+def result_rows(model_name: str, task, config, runs: Mapping[str, ModeRun]) -> list[dict]:
+    """One row per mode: the metrics with intervals, the mode's own fields, its wall time."""
+    extra_fields = sorted({f for mode in runs for f in get_mode(mode).row_fields}
+                          | {"k", "tuning_steps"})  # schema v1 rows always carry these two
+    rows = []
+    for mode, run in runs.items():
+        valid = np.array([r["valid"] for r in run.scored], bool)
+        correct = np.array([r["correct"] for r in run.scored], bool)
+        row = {"model": model_name, "task": task.name, "mode": mode,
+               **metrics.summarize(valid, correct, confidence=config.confidence, seed=config.seed),
+               "wall_time_s": run.wall_time_s, "seed": config.seed,
+               **{f: run.fields.get(f) for f in extra_fields}, "reference": get_mode(mode).reference}
+        if run.prefix_text:
+            row["prefix_text"] = run.prefix_text
+        rows.append(row)
+    return rows
+
+
+def paired_comparisons(runs: Mapping[str, ModeRun]) -> list[dict]:
+    """McNemar tests between every two generation modes, on accuracy and on format validity."""
+    generation = [m for m in runs if not get_mode(m).reference]
+    out = []
+    for a, b in itertools.combinations(generation, 2):
+        for metric, key in (("accuracy", lambda r: r["correct"] and r["valid"]), ("format_validity", lambda r: r["valid"])):
+            # mcnemar's own "b" and "c" are the discordant counts (a only right, b only right)
+            out.append({"mode_a": a, "mode_b": b, "metric": metric,
+                        **metrics.mcnemar([key(r) for r in runs[a].scored], [key(r) for r in runs[b].scored])})
+    return out
+
+
+def assemble(lm, task, config, items, runs: Mapping[str, ModeRun], wall_time: float) -> dict:
+    """The content of results.json (docs/results_schema.md)."""
+    model = model_info(lm)
+    tuning = next((run.tuning for run in runs.values() if run.tuning is not None), None)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": now_utc(),
+        "model": model,
+        "task": {"name": task.name, "description": task.description, "answer_kind": task.answer.kind,
+                 "multiple_choice": task.choices_field is not None, "n_test_split": len(task.records("test")),
+                 "max_new_tokens": config.max_new_tokens or task.max_new_tokens},
+        "n": len(items),
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "versions": versions(),
+        "results": result_rows(model["name"], task, config, runs),
+        "comparisons": paired_comparisons(runs),
+        "tuning": tuning,
+        "wall_time_s": wall_time,
+        "files": {},
+    }
+
+
+def write_outputs(out: Path, results: dict, rows: Sequence[Mapping], *, lm, task, runs: Mapping[str, ModeRun]) -> None:
+    """predictions.jsonl, the tuned prompt, plots, results.md and (last) results.json into ``out``."""
+    from spt_jax import report
+    from spt_jax.tune import save_prompt
+
+    files = results["files"]
+    with open(out / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
+    files["predictions"] = PREDICTIONS_FILE
+    for run in runs.values():
+        if run.soft_prompt is not None:
+            steps = run.tuning["steps"]
+            save_prompt(out / PROMPT_FILE, run.soft_prompt, prompt_metadata(lm, task, results["seed"], steps))
+            files["prompt"] = PROMPT_FILE
+    files.update(report.write_plots(results, out))
+    files["report"] = REPORT_FILE
+    (out / REPORT_FILE).write_text(report.results_markdown(results), encoding="utf-8")
+    files["results"] = RESULTS_FILE
+    write_json(out / RESULTS_FILE, results)  # last: its presence marks a complete directory

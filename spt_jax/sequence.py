@@ -1,0 +1,303 @@
+"""The one sequence layout, owned here and used by tuning, generation and scoring alike:
+
+    [BOS]? [soft prompt: P vectors]? [prefix text]? [input text] [target text + EOS]?
+
+BOS appears only when the tokenizer adds one to plain text; the soft prompt sits right after it,
+directly before the text and never before padding; every text is tokenized without special tokens.
+Positions count valid slots only, so padding (left in training rows, between the cached prefix and
+the input in a generation batch) never shifts a position.
+
+This module owns the rules a row is built by: tokenization of the parts (`encode`, `split_pair`),
+BOS/EOS/pad resolution (`Layout`), the length buckets of each purpose and the one rule past the
+largest (`bucket_length`), power-of-two widths, left padding, left truncation, where the prompt goes
+(`prompt_index` + `place_prompt`) and where a generation stops (`cut_at_stop`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from spt_jax.errors import ConfigError, DataError
+
+# --------------------------------------------------------------------------------------------------
+# length buckets: padded lengths, one compilation each
+
+# Generation and scoring inputs. From 24 tokens on, neighbouring buckets differ by at most 4/3, so an
+# input pads by at most a third (powers of two would double it). Prefill dominates generation time
+# on CPU and scales with the padded length; one task's prompts touch two or three of these buckets.
+GENERATION_BUCKETS: tuple[int, ...] = (
+    16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1024,
+    1280, 1536, 2048, 2560, 3072, 4096,
+)  # fmt: skip
+MIN_TUNING_BUCKET = 32
+MIN_ANSWER_WIDTH = 8  # target slots of a tuning row
+MIN_CONTINUATION_WIDTH = 4  # scored continuation slots of a scoring row
+NEW_TOKEN_ROUNDING = 16  # max_new_tokens rounds up to this for shapes, so 10 and 16 share a compile
+
+
+def tuning_buckets(max_length: int) -> tuple[int, ...]:
+    """32, 48, 64, 96, 128, 192, ... (powers of two and the midpoints between), then ``max_length``.
+
+    Midpoints cap padding waste at a third instead of a half, for one extra compile per octave.
+    """
+    buckets, size = [], MIN_TUNING_BUCKET
+    while size < max_length:
+        buckets += [size, size * 3 // 2]
+        size *= 2
+    return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
+
+
+def check_buckets(buckets: Sequence[int]) -> None:
+    if not buckets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1
+                          for b in buckets):
+        raise ConfigError(f"length_buckets must be positive integer lengths, got {tuple(buckets)!r}")
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding ``n`` slots; past the largest, an error.
+
+    Callers keep lengths within the largest bucket: tuning rows and the generation prefix close
+    their tables with the length limit itself (`closed_buckets`), generation and scoring inputs are
+    cut from the left to the largest bucket.
+    """
+    for b in sorted(buckets):
+        if n <= b:
+            return int(b)
+    raise ConfigError(f"a sequence of {n} slots exceeds the largest length bucket {max(buckets)}")
+
+
+def closed_buckets(buckets: Sequence[int], limit: int) -> tuple[int, ...]:
+    """``buckets`` up to ``limit``, closed by ``limit`` itself, so every length <= limit has one."""
+    kept = tuple(sorted(b for b in buckets if b <= limit))
+    return kept if kept and kept[-1] == limit else (*kept, limit)
+
+
+def pow2_width(n: int, minimum: int) -> int:
+    """The smallest power of two >= ``max(n, minimum)``: widths that change rarely recompile rarely."""
+    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenization of the parts
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens added."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer prepends BOS to plain text, else ``[]``."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(with_special) > len(without) and with_special[0] == bos:
+        return [bos]
+    return []
+
+
+def eos_ids(lm) -> list[int]:
+    """Every id that ends a generation: the config's EOS ids and the tokenizer's EOS."""
+    ids = list(lm.config.eos_token_ids)
+    eos = lm.tokenizer.eos_token_id
+    if eos is not None and eos not in ids:
+        ids.append(eos)
+    return ids
+
+
+def pad_id(lm) -> int:
+    """The id written into padding slots (masked out everywhere, so only its range matters)."""
+    for candidate in (lm.tokenizer.pad_token_id, lm.config.pad_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids as lm-evaluation-harness splits them (``_encode_pair``).
+
+    Trailing spaces of the context move to the continuation; the pair is tokenized whole and the
+    continuation is what follows the context's tokens.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(tokenizer, context + continuation)
+    context_ids = encode(tokenizer, context)
+    return whole[: len(context_ids)], whole[len(context_ids) :]
+
+
+def truncate_left(ids: Sequence[int], limit: int) -> tuple[list[int], int]:
+    """The last ``limit`` ids and how many were cut: over-long text loses its *left* end (the
+    question's start, usually boilerplate), never the prompt, the target or the continuation."""
+    cut = max(0, len(ids) - limit)
+    return list(ids[cut:]), cut
+
+
+def truncate_all_left(encoded: list[list[int]], limit: int, *, what: str) -> list[list[int]]:
+    """`truncate_left` over a batch of sequences, warning once when any was cut."""
+    cut = [truncate_left(e, limit) for e in encoded]
+    n_long = sum(n > 0 for _, n in cut)
+    if n_long:
+        warnings.warn(
+            f"{n_long} of {len(encoded)} {what} are longer than {limit} tokens (the largest length "
+            f"bucket or the model's context after the prefix); kept their last {limit} tokens",
+            stacklevel=3,
+        )
+    return [ids for ids, _ in cut]
+
+
+def cut_at_stop(text: str, stop_sequences: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop sequence."""
+    cut = len(text)
+    for s in stop_sequences:
+        at = text.find(s)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``[B, length]`` right-aligned, and the validity mask ``[B, length]``."""
+    ids = np.full((len(seqs), length), pad, np.int32)
+    valid = np.zeros((len(seqs), length), bool)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, length - len(seq) :] = seq
+            valid[row, length - len(seq) :] = True
+    return ids, valid
+
+
+# --------------------------------------------------------------------------------------------------
+# where the soft prompt goes
+
+
+def place_prompt(embeds, prompt, prompt_index):
+    """Token embeddings ``[B, T, D]`` with the prompt ``[P, D]`` written where ``prompt_index``
+    ``[B, T]`` holds 0..P-1 (and left alone where it holds -1). Tuning rows and the generation prefix
+    both mark their prompt slots this way, so both place the prompt by the same rule."""
+    import jax.numpy as jnp  # here, so tasks (which cut at stop sequences) import this without JAX
+    if prompt.shape[0] == 0:  # no soft prompt: no slot holds an index (shapes are static)
+        return embeds
+    from_prompt = jnp.take(prompt.astype(embeds.dtype), jnp.maximum(prompt_index, 0), axis=0)
+    return jnp.where((prompt_index >= 0)[..., None], from_prompt, embeds)
+
+
+# --------------------------------------------------------------------------------------------------
+# rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One tuning example's token ids after the over-long policy was applied."""
+
+    input_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]  # EOS included when the layout appends it
+    truncated: int  # input tokens dropped from the left
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The per-model constants of a row: BOS, EOS (appended to targets), pad id, prompt length."""
+
+    bos: tuple[int, ...]
+    eos: tuple[int, ...]
+    pad_id: int
+    prompt_length: int
+    max_length: int
+    buckets: tuple[int, ...]
+
+    @classmethod
+    def for_model(cls, lm, *, prompt_length: int, max_length: int, append_eos: bool = True,
+                  buckets: Sequence[int] | None = None) -> Layout:
+        """The layout of ``lm``'s rows; ``buckets`` default to `tuning_buckets`, the last is max_length."""
+        eos = ()
+        if append_eos:
+            tok_eos = lm.tokenizer.eos_token_id
+            ids = [tok_eos] if tok_eos is not None else eos_ids(lm)
+            if not ids:
+                raise ConfigError(f"model {lm.name!r} defines no EOS token; set TuneConfig(append_eos=False)")
+            eos = (int(ids[0]),)
+        max_length = min(max_length, lm.config.max_position_embeddings)
+        buckets = closed_buckets(buckets or tuning_buckets(max_length), max_length)
+        return cls(tuple(bos_ids(lm.tokenizer)), eos, pad_id(lm), prompt_length, max_length, buckets)
+
+    @property
+    def n_fixed(self) -> int:
+        """Slots before the text: BOS and the prompt."""
+        return len(self.bos) + self.prompt_length
+
+    def row_length(self, ex: Encoded) -> int:
+        return self.n_fixed + len(ex.input_ids) + len(ex.target_ids)
+
+    def encode_example(self, tokenizer, input_text: str, target_text: str, *, where: str) -> Encoded:
+        """Input and target tokenized apart (as generation sees the input, then produces the target),
+        EOS appended, the input cut from the left to fit ``max_length``."""
+        input_ids = encode(tokenizer, input_text)
+        target_ids = encode(tokenizer, target_text) + list(self.eos)
+        room = self.max_length - self.n_fixed - len(target_ids)
+        if room < 0:
+            raise DataError(
+                f"{where}: the target alone takes {len(target_ids)} tokens, more than "
+                f"max_length={self.max_length} leaves after BOS and a {self.prompt_length}-vector "
+                "prompt; raise TuneConfig.max_length or shorten the target"
+            )
+        input_ids, cut = truncate_left(input_ids, room)
+        return Encoded(tuple(input_ids), tuple(target_ids), cut)
+
+    def training_batch(self, rows: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        """Left-padded arrays for a batch of encoded rows.
+
+        Returns (B rows, T = length bucket, A = answer width):
+          tokens [B, T] int32        text ids; pad id on padding and prompt slots
+          valid [B, T] bool          False on padding
+          prompt_index [B, T] int32  0..P-1 on the prompt slots, -1 elsewhere
+          target_index [B, A] int32  the slot whose hidden state predicts each target token
+          target_ids [B, A] int32    the target tokens (EOS included), 0 past the end
+          target_mask [B, A] bool    True on real target tokens
+        """
+        lengths = [self.row_length(r) for r in rows]
+        T = bucket_length(max(lengths), self.buckets)
+        A = pow2_width(max(len(r.target_ids) for r in rows), MIN_ANSWER_WIDTH)
+        B = len(rows)
+        tokens = np.full((B, T), self.pad_id, np.int32)
+        valid = np.zeros((B, T), bool)
+        prompt_index = np.full((B, T), -1, np.int32)
+        target_index = np.zeros((B, A), np.int32)
+        target_ids = np.zeros((B, A), np.int32)
+        target_mask = np.zeros((B, A), bool)
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            start = T - n
+            valid[b, start:] = True
+            self._write_head(tokens[b], prompt_index[b], start)
+            tokens[b, start + self.n_fixed :] = np.asarray(row.input_ids + row.target_ids, np.int32)
+            n_tgt = len(row.target_ids)
+            target_ids[b, :n_tgt] = row.target_ids
+            target_mask[b, :n_tgt] = True
+            target_index[b, :n_tgt] = np.arange(T - n_tgt, T) - 1
+        return dict(tokens=tokens, valid=valid, prompt_index=prompt_index, target_index=target_index,
+                    target_ids=target_ids, target_mask=target_mask)
+
+    def prefix_row(self, text_ids: Sequence[int], bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[BOS]? [prompt] [prefix text]`` right-padded to ``bucket``: ids ``[1, bucket]`` and
+        prompt_index ``[1, bucket]`` (the shared prefix that generation and scoring cache)."""
+        ids = np.full((1, bucket), self.pad_id, np.int32)
+        prompt_index = np.full((1, bucket), -1, np.int32)
+        self._write_head(ids[0], prompt_index[0], 0)
+        ids[0, self.n_fixed : self.n_fixed + len(text_ids)] = text_ids
+        return ids, prompt_index
+
+    def _write_head(self, tokens_row: np.ndarray, prompt_row: np.ndarray, start: int) -> None:
+        nb = len(self.bos)
+        tokens_row[start : start + nb] = self.bos
+        prompt_row[start + nb : start + nb + self.prompt_length] = np.arange(self.prompt_length)
