@@ -429,10 +429,10 @@ def _transpose(weight: np.ndarray) -> np.ndarray:
 
 # How each `TensorFix` of a family is carried out, given the file's transformers config.
 _FIXES: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "unpermute_q": lambda c: dict(reorder=functools.partial(unpermute_llama_qk, n_heads=c.num_attention_heads)),
-    "unpermute_k": lambda c: dict(reorder=functools.partial(unpermute_llama_qk, n_heads=c.num_key_value_heads)),
-    "minus_one": lambda c: dict(subtract=1.0),
-    "transpose": lambda c: dict(reorder=_transpose),
+    "unpermute_q": lambda c: {"reorder": functools.partial(unpermute_llama_qk, n_heads=c.num_attention_heads)},
+    "unpermute_k": lambda c: {"reorder": functools.partial(unpermute_llama_qk, n_heads=c.num_key_value_heads)},
+    "minus_one": lambda c: {"subtract": 1.0},
+    "transpose": lambda c: {"reorder": _transpose},
 }
 
 

@@ -126,7 +126,7 @@ def tune(
     check_batch_divides(config.batch_size, mesh)
     layout = tuning_layout(lm, config)
     encoder = ExampleEncoder(lm.tokenizer, pairs, layout)
-    params = place_params(lm.params, mesh)
+    params = place_params(lm.params, mesh, lm.config)
     train_step = make_train_step(lm, config, mesh)
     compiles_at_start = train_step.compilations
     repl = replicated(mesh)

@@ -158,7 +158,7 @@ def _build_train_step(lm, config: TuneConfig, mesh: Mesh | None, name: str) -> T
         jitted = jax.jit(
             counted,
             donate_argnums=(0, 1),
-            in_shardings=(repl, repl, param_shardings(lm.params, mesh), batch_sharding(mesh)),
+            in_shardings=(repl, repl, param_shardings(lm.params, mesh, lm.config), batch_sharding(mesh)),
             out_shardings=(repl, repl, repl),
         )
     return TrainStep(jitted=jitted, optimizer=optimizer, name=name, cache=lm.compiled)
