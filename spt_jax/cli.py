@@ -174,7 +174,9 @@ def _add_eval(p, *, modes_default) -> None:
                    help=f"comma-separated modes: {', '.join(generation_mode_names())}"
                         + (f" (default: {','.join(modes_default)})" if modes_default else ""))
     p.add_argument("--no-loglik", dest="loglik", action="store_false", default=_eval_default("loglik"),
-                   help="skip the log-likelihood choice accuracy of multiple-choice tasks")
+                   help="skip the MCF reference (log-likelihood of the choice letters) of multiple-choice tasks")
+    p.add_argument("--no-cloze", dest="cloze", action="store_false", default=_eval_default("cloze"),
+                   help="skip the CF references (log-likelihood of each choice's text) where a task has them")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,12 +21,14 @@ tokens (those end a row only at ``max_new_tokens``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from spt_jax import sequence as seq
 from spt_jax.errors import ConfigError, DataError
@@ -86,14 +88,27 @@ def generate(
     prefix: PrefixCache | None = None,
     config: GenerationConfig = GenerationConfig(),
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> list[str]:
     """Greedy completions of ``texts`` after ``[BOS]? [soft_prompt]? [prefix_text]?``.
 
     The prefix is computed once (or pass a ready ``prefix=prefix_cache(...)`` to share it between
     calls). Outputs skip special tokens, stop before EOS and are cut at the first stop sequence.
     Inputs longer than the largest bucket or the model's context are cut from the left, with a warning.
+
+    ``mesh``: a `jax.sharding.Mesh` with ``data`` and ``model`` axes (explicit or auto axis types):
+    each batch's rows over ``data`` (``config.batch_size`` must divide it), weights over ``model`` by
+    the family's rules (placed once if the model was not loaded onto the mesh), the prefix's KV
+    replicated, the batch's KV cache over rows and kv heads. The outputs equal a single-device run's.
+    On several processes every process runs this same call and gets every output.
     """
-    prefix = resolve_prefix(lm, soft_prompt, prefix_text, prefix, config.length_buckets)
+    on = None
+    if mesh is not None:
+        from spt_jax.tune.mesh import on_mesh
+
+        on = on_mesh(lm, mesh, config.batch_size, "GenerationConfig.batch_size")
+    prefix = resolve_prefix(lm, soft_prompt, prefix_text, prefix, config.length_buckets,
+                            mesh=None if on is None else on.mesh, params=None if on is None else on.params)
     if not len(texts):
         return []
     max_input = _max_input_length(lm, prefix, config.max_new_tokens, config.length_buckets)
@@ -108,7 +123,7 @@ def generate(
     eos, stop = stop_masks(lm, config.stop_sequences)
     new_slots = seq.round_up(config.max_new_tokens, seq.NEW_TOKEN_ROUNDING)
     pad = seq.pad_id(lm)
-    run = lm.compiled.jit("generate", _generate_batch, static_argnames=("graphdef", "new_slots"))
+    run = _batch_runner(lm, on, prefix.kv, eos, stop, config.max_new_tokens, new_slots)
 
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))  # similar lengths share a bucket
     outputs: list[str] = [""] * len(texts)
@@ -118,11 +133,7 @@ def generate(
         rows += [[]] * (config.batch_size - len(rows))  # dummy rows keep the batch shape static
         ids, valid = seq.left_pad(rows, seq.bucket_length(max(map(len, rows)), config.length_buckets), pad)
         active = np.arange(config.batch_size) < len(batch)
-        out, n_kept = run(
-            lm.graphdef, lm.params, prefix.kv, jnp.asarray(ids), jnp.asarray(valid),
-            jnp.asarray(active), jnp.asarray(eos), jnp.asarray(stop),
-            jnp.int32(config.max_new_tokens), new_slots=new_slots,
-        )  # fmt: skip
+        out, n_kept = run(ids, valid, active)
         out, n_kept = np.asarray(out), np.asarray(n_kept)
         decoded = lm.tokenizer.batch_decode(
             [out[row, : n_kept[row]].tolist() for row in range(len(batch))], skip_special_tokens=True
@@ -132,20 +143,50 @@ def generate(
     return outputs
 
 
+def _batch_runner(lm, on, kv: PrefixKV, eos, stop, max_new: int, new_slots: int):
+    """``run(ids, valid, active) -> (out, n_kept)`` for one batch, on one device or on ``on``'s mesh."""
+    if on is None:
+        jitted = lm.compiled.jit("generate", _generate_batch, static_argnames=("graphdef", "new_slots"))
+        masks = (jnp.asarray(eos), jnp.asarray(stop), jnp.int32(max_new))
+        return lambda ids, valid, active: jitted(
+            lm.graphdef, lm.params, kv, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(active), *masks,
+            new_slots=new_slots,
+        )  # fmt: skip
+
+    def build():
+        fn = functools.partial(_generate_batch, lm.graphdef, new_slots=new_slots,
+                               cache_shardings=on.kv_shardings(lm.config))
+        repl, rows = on.replicated, on.rows
+        return jax.jit(lm.compiled.counted("generate", fn),
+                       in_shardings=(on.param_shardings(lm), repl, rows, rows, rows, repl, repl, repl),
+                       out_shardings=(repl, repl))  # every process gets every row's output
+
+    jitted = lm.compiled.memo(("generate", on.mesh, new_slots), build)
+    kv, masks = on.replicate(kv), on.replicate((eos, stop, np.int32(max_new)))
+
+    def run(ids, valid, active):
+        rows = on.batch({"ids": ids, "valid": valid, "active": active})
+        with on.context():
+            return jitted(on.params, kv, rows["ids"], rows["valid"], rows["active"], *masks)
+
+    return run
+
+
 def generate_text(lm, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy completion of one prompt until EOS, for notebooks and quick checks."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_sequences=(), batch_size=1)
     return generate(lm, [prompt], config=config)[0]
 
 
-def _generate_batch(graphdef, params, prefix: PrefixKV, ids, valid, active, is_eos, is_stop, max_new, *, new_slots):
+def _generate_batch(graphdef, params, prefix: PrefixKV, ids, valid, active, is_eos, is_stop, max_new, *, new_slots,
+                    cache_shardings=None):
     """Prefill a left-padded batch after the prefix, then decode greedily until all rows stop.
 
     Returns the generated ids ``[B, new_slots]`` and, per row, how many to keep (EOS excluded).
     """
     model = nnx.merge(graphdef, params)
     B, T = ids.shape
-    cache = batch_cache(model.config, prefix, B, T + new_slots, model.dtype)
+    cache = batch_cache(model.config, prefix, B, T + new_slots, model.dtype, cache_shardings)
     n_input = valid.sum(axis=1).astype(jnp.int32)  # [B]
     hidden, cache = model(model.embed(ids), positions_from_mask(valid, prefix.length), valid, cache)
     last = jnp.where(valid[:, -1:], hidden[:, -1], prefix.last_hidden[None])  # [B, D]

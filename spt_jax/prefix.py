@@ -11,12 +11,15 @@ trailing spaces into the continuation: BPE tokenizers merge a whitespace run wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spt_jax import sequence as seq
 from spt_jax.errors import ConfigError
@@ -60,8 +63,15 @@ def prefix_cache(
     prefix_text: str = "",
     *,
     length_buckets: Sequence[int] = seq.GENERATION_BUCKETS,
+    mesh: Mesh | None = None,
+    params=None,
 ) -> PrefixCache:
-    """Run ``[BOS]? [soft prompt]? [prefix_text]?`` once (batch 1) and keep its KV for reuse."""
+    """Run ``[BOS]? [soft prompt]? [prefix_text]?`` once (batch 1) and keep its KV for reuse.
+
+    With ``mesh`` (an Auto-axis mesh, see `spt_jax.tune.mesh.as_mesh`) it runs there on ``params``,
+    the weights already placed on it (`spt_jax.tune.mesh.placed_params`; default ``lm.params``), and
+    the KV comes back replicated on every device, ready for sharded generation and scoring.
+    """
     seq.check_buckets(length_buckets)
     config = lm.config
     soft = check_soft_prompt(soft_prompt, config.d_model)
@@ -84,10 +94,29 @@ def prefix_cache(
         bucket = seq.bucket_length(length, seq.closed_buckets(length_buckets, config.max_position_embeddings))
         ids, prompt_index = layout.prefix_row(text_ids, bucket)
         soft = jnp.zeros((0, config.d_model), lm.dtype) if soft is None else soft
-        run = lm.compiled.jit("prefix", _run_prefix, static_argnames=("graphdef",))
-        kv = run(lm.graphdef, lm.params, jnp.asarray(ids), jnp.asarray(prompt_index), soft, jnp.int32(length))
+        if mesh is None:
+            run = lm.compiled.jit("prefix", _run_prefix, static_argnames=("graphdef",))
+            kv = run(lm.graphdef, lm.params, jnp.asarray(ids), jnp.asarray(prompt_index), soft, jnp.int32(length))
+        else:
+            params = lm.params if params is None else params
+            with jax.set_mesh(mesh):
+                kv = _prefix_on_mesh(lm, mesh, params)(
+                    params, np.asarray(ids), np.asarray(prompt_index), np.asarray(soft), np.int32(length)
+                )
     return PrefixCache(kv=kv, length=length, n_soft=n_soft, text=cached_text,
                        carry=prefix_text[len(cached_text) :], model_name=lm.name)
+
+
+def _prefix_on_mesh(lm, mesh: Mesh, params):
+    """The prefix function jitted for ``mesh``: weights as placed, small inputs and the KV replicated."""
+
+    def build():
+        repl = NamedSharding(mesh, PartitionSpec())
+        fn = lm.compiled.counted("prefix", functools.partial(_run_prefix, lm.graphdef))
+        weights = jax.tree.map(lambda x: x.sharding, params)
+        return jax.jit(fn, in_shardings=(weights, repl, repl, repl, repl), out_shardings=repl)
+
+    return lm.compiled.memo(("prefix", mesh), build)
 
 
 def check_soft_prompt(soft_prompt, d_model: int):
@@ -99,10 +128,11 @@ def check_soft_prompt(soft_prompt, d_model: int):
     return soft
 
 
-def resolve_prefix(lm, soft_prompt, prefix_text, prefix, length_buckets) -> PrefixCache:
-    """The caller's ready prefix cache, or one computed from ``soft_prompt`` and ``prefix_text``."""
+def resolve_prefix(lm, soft_prompt, prefix_text, prefix, length_buckets, *, mesh=None, params=None) -> PrefixCache:
+    """The caller's ready prefix cache, or one computed from ``soft_prompt`` and ``prefix_text``
+    (on ``mesh`` with the placed ``params``, as `prefix_cache`)."""
     if prefix is None:
-        return prefix_cache(lm, soft_prompt, prefix_text, length_buckets=length_buckets)
+        return prefix_cache(lm, soft_prompt, prefix_text, length_buckets=length_buckets, mesh=mesh, params=params)
     if soft_prompt is not None or prefix_text:
         raise ConfigError("pass either prefix= or soft_prompt=/prefix_text=, not both")
     if prefix.kv.k.shape[0] != lm.config.n_layers or prefix.kv.last_hidden.shape[0] != lm.config.d_model:
@@ -120,8 +150,12 @@ def _run_prefix(graphdef, params, ids, prompt_index, soft, length) -> PrefixKV:
     return PrefixKV(k=cache.k, v=cache.v, pos=cache.pos, last_hidden=hidden[0, length - 1], length=length)
 
 
-def batch_cache(config, prefix: PrefixKV, batch: int, extra_slots: int, dtype) -> KVCache:
-    """A cache of ``Pb + extra_slots`` slots whose first ``Pb`` hold the prefix for every row."""
+def batch_cache(config, prefix: PrefixKV, batch: int, extra_slots: int, dtype, shardings=None) -> KVCache:
+    """A cache of ``Pb + extra_slots`` slots whose first ``Pb`` hold the prefix for every row.
+
+    ``shardings``: ``(kv, pos)`` shardings the cache is constrained to inside a sharded function
+    (`spt_jax.tune.mesh.kv_cache_shardings`: rows over ``data``, kv heads over ``model``).
+    """
     L, _, Pb, K, d = prefix.k.shape
     empty = KVCache.init(config, batch, extra_slots, dtype)
     kv = [
@@ -129,6 +163,10 @@ def batch_cache(config, prefix: PrefixKV, batch: int, extra_slots: int, dtype) -
         for p, e in ((prefix.k, empty.k), (prefix.v, empty.v))
     ]
     pos = jnp.concatenate([jnp.broadcast_to(prefix.pos, (batch, Pb)), empty.pos], axis=1)
+    if shardings is not None:
+        kv_sharding, pos_sharding = shardings
+        kv = [jax.lax.with_sharding_constraint(x, kv_sharding) for x in kv]
+        pos = jax.lax.with_sharding_constraint(pos, pos_sharding)
     return KVCache(k=kv[0], v=kv[1], pos=pos, index=jnp.asarray(Pb, jnp.int32))
 
 

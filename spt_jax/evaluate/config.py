@@ -44,7 +44,8 @@ class EvalConfig:
     n_curve: int = 64
     batch_size: int = 16
     dtype: str = "float32"
-    loglik: bool = True
+    loglik: bool = True  # the MCF reference (the letter after the lettered list) on multiple-choice tasks
+    cloze: bool = True  # the CF references (each choice's text as the continuation) where the task has a cloze form
     max_new_tokens: int | None = None  # None: the task's own budget
     confidence: float = 0.95
     prompt_file: str | None = None

@@ -230,9 +230,10 @@ class SoftPrompt(GenerationMode):
 
 @register_mode
 class LoglikChoice(Mode):
-    """Multiple choice by log-likelihood of each choice's target after the zero-shot prompt."""
+    """MCF: multiple choice by log-likelihood of each letter's target ("Answer: B") after the
+    zero-shot prompt with the lettered list."""
 
-    name, label = "loglik", "log-lik. choice (ref.)"
+    name, label = "loglik", "MCF log-lik. letter (ref.)"
     reference = True
 
     def applies(self, task, config) -> bool:
@@ -257,3 +258,51 @@ class LoglikChoice(Mode):
         outputs = [continuations[i][c] for i, c in enumerate(chosen)]
         return ModeRun(inputs=contexts, outputs=outputs, scored=scored)
 
+
+
+class _ClozeReference(Mode):
+    """CF: each choice's own text scored as the continuation of the question without the list
+    (`Task.cloze`), all choices of an item from one computation of its context. Both CF rows come
+    from one scoring pass, kept on the evaluation's context."""
+
+    reference = True
+    normalized: ClassVar[bool]
+
+    def applies(self, task, config) -> bool:
+        return bool(config.cloze and task.cloze is not None)
+
+    def check(self, ctx) -> None:
+        for record in ctx.task.records("test")[:1]:
+            ctx.task.cloze_pairs(record)
+
+    def run(self, ctx) -> ModeRun:
+        items, scores = ctx.memo("cloze_scores", lambda: _cloze_scores(ctx))
+        chosen, scored = [], []
+        for record, (pairs, gold), item_scores in zip(ctx.records, items, scores):
+            if self.normalized:  # lm-eval's acc_norm: per UTF-8 byte of the continuation
+                item_scores = item_scores / np.array([max(len(c.encode("utf-8")), 1) for _, c in pairs])
+            pick = int(np.argmax(item_scores))
+            chosen.append(pick)
+            choices = record[ctx.task.cloze.choices_field]
+            scored.append({"parsed": choices[pick], "gold": ctx.task.gold(record), "valid": True,
+                           "correct": pick == gold})
+        return ModeRun(inputs=[pairs[0][0] for pairs, _ in items],
+                       outputs=[pairs[c][1] for (pairs, _), c in zip(items, chosen)], scored=scored)
+
+
+def _cloze_scores(ctx):
+    items = [ctx.task.cloze_pairs(r) for r in ctx.records]
+    scores = ctx.backends.score_items(ctx.lm, [pairs for pairs, _ in items], progress=ctx.progress)
+    return items, scores
+
+
+@register_mode
+class Cloze(_ClozeReference):
+    name, label = "cloze", "CF log-lik. text (ref.)"
+    normalized = False
+
+
+@register_mode
+class ClozeNorm(_ClozeReference):
+    name, label = "cloze_norm", "CF log-lik. per byte (ref.)"
+    normalized = True

@@ -35,6 +35,12 @@ def _default_score(*args, **kwargs):
     return choice_loglikelihoods(*args, **kwargs)
 
 
+def _default_score_items(*args, **kwargs):
+    from spt_jax.scoring import item_choice_loglikelihoods
+
+    return item_choice_loglikelihoods(*args, **kwargs)
+
+
 def _default_tune(*args, **kwargs):
     from spt_jax.tune import tune
 
@@ -46,11 +52,12 @@ class Backends:
     """What the protocol calls to run the model; each has the signature of the library function.
 
     generate: `spt_jax.generate.generate`; score: `spt_jax.scoring.choice_loglikelihoods`;
-    tune: `spt_jax.tune.tune`.
+    score_items: `spt_jax.scoring.item_choice_loglikelihoods`; tune: `spt_jax.tune.tune`.
     """
 
     generate: Callable[..., list[str]] = _default_generate
     score: Callable[..., list] = _default_score
+    score_items: Callable[..., list] = _default_score_items
     tune: Callable[..., Any] = _default_tune
 
 
@@ -170,6 +177,13 @@ class EvalContext:
     backends: Backends = Backends()
     progress: bool = False
     saved_prompt: Any = None
+    shared: dict = dataclasses.field(default_factory=dict)  # work several modes of this run reuse
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per evaluation (e.g. the cloze scores both CF rows read)."""
+        if key not in self.shared:
+            self.shared[key] = compute()
+        return self.shared[key]
 
     @property
     def records(self) -> list[dict]:

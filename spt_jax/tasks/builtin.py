@@ -20,7 +20,7 @@ from importlib import resources
 import numpy as np
 
 from spt_jax.errors import DataError
-from spt_jax.tasks.task import LETTERS, SPLITS, AnswerSpec, FormatSpec, Task
+from spt_jax.tasks.task import LETTERS, SPLITS, AnswerSpec, ClozeSpec, FormatSpec, Task
 
 Splits = dict[str, list[dict]]
 
@@ -141,7 +141,64 @@ def capitals_mc() -> Task:
         max_new_tokens=8,
         description="World, U.S. state, Canadian and Australian capitals, both directions, 4-way multiple "
                     "choice; split by fact.",
+        cloze=ClozeSpec(context_template="Question: {question}\nAnswer:"),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# capital_of, country_of_capital: the same facts as free-form answers
+# --------------------------------------------------------------------------------------------------
+
+_CAPITAL_SEED = 1234  # capitals_mc's: the three capital tasks split the facts alike
+
+
+def build_capital_questions(direction: str, seed: int = _CAPITAL_SEED) -> Splits:
+    """One free-form question per fact (``capital_of``: the capital of a place; ``place_of``: the place
+    of a capital), with the multiple-choice options of ``capitals_mc`` kept as the cloze reference's
+    choices. Facts are split exactly as in ``capitals_mc``."""
+    mc = build_capitals_mc(seed)
+    facts = {f"{f['group']}:{f['name']}": f for f in capital_facts()}
+    out = {}
+    for split, records in mc.items():
+        items = []
+        for r in records:
+            if r["direction"] != direction:
+                continue
+            fact = facts[r["id"].rsplit(":", 1)[0]]
+            answer = fact["capital"] if direction == "capital_of" else fact["name"]
+            items.append({"id": r["id"], "question": r["question"], "answer": answer, "aliases": [],
+                          "choices": list(r["choices"]), "group": r["group"]})
+        out[split] = items
+    return out
+
+
+def _free_form_capital_task(name: str, direction: str, what: str, description: str) -> Task:
+    return Task(
+        name=name,
+        source=GeneratedSource(lambda: build_capital_questions(direction)),
+        input_template="Question: {question}\n",
+        target_template="Answer: {answer}",
+        format=FormatSpec(pattern=r"Answer: (?P<answer>[^\n]+?)\.?", mode="strict", stop_sequences=("\n",)),
+        answer=AnswerSpec(kind="string", aliases_field="aliases"),
+        instruction=f"Answer the question. Reply with one line: 'Answer: ' followed by the name of the {what}.",
+        max_new_tokens=12,
+        description=description,
+        cloze=ClozeSpec(context_template="Question: {question}\nAnswer:"),
+    )
+
+
+def capital_of() -> Task:
+    return _free_form_capital_task(
+        "capital_of", "capital_of", "city",
+        "The capital of a country, U.S. state, Canadian province or Australian state, free-form "
+        "('Answer: Paris'); split by fact as capitals_mc, whose options serve the cloze reference.")
+
+
+def country_of_capital() -> Task:
+    return _free_form_capital_task(
+        "country_of_capital", "place_of", "place",
+        "Which country, U.S. state, Canadian province or Australian state a capital belongs to, free-form "
+        "('Answer: France'); split by fact as capitals_mc.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,7 +221,7 @@ def build_element_symbols(seed: int = 2345) -> Splits:
             key = f"element:{e['number']}"
             records += [
                 {"id": f"{key}:symbol", "question": f"What is the chemical symbol of {e['name']}?",
-                 "answer": e["symbol"], "aliases": []},
+                 "answer": e["symbol"], "aliases": [], "exact": True},
                 {"id": f"{key}:name_from_symbol", "question": f"Which chemical element has the symbol {e['symbol']}?",
                  "answer": e["name"], "aliases": list(e["aliases"])},
                 {"id": f"{key}:name_from_number", "question": f"Which chemical element has atomic number {e['number']}?",
@@ -183,7 +240,7 @@ def element_symbols() -> Task:
         input_template="Question: {question}\n",
         target_template="Answer: {answer}",
         format=FormatSpec(pattern=r"Answer: (?P<answer>[A-Za-z]+|[0-9]+)", mode="strict", stop_sequences=("\n",)),
-        answer=AnswerSpec(kind="string", aliases_field="aliases"),
+        answer=AnswerSpec(kind="string", aliases_field="aliases", exact_field="exact"),
         instruction="Answer the question about chemical elements. Reply with one line: 'Answer: ' followed by "
                     "a single word or number (a chemical symbol, an element name or an atomic number).",
         max_new_tokens=10,  # long names ('rutherfordium') take several tokens
@@ -380,8 +437,8 @@ def yes_no() -> Task:
     )
 
 
-BUILTIN_TASKS = {"capitals_mc": capitals_mc, "element_symbols": element_symbols,
-                 "arithmetic_gsm": arithmetic_gsm, "yes_no": yes_no}
+BUILTIN_TASKS = {"capitals_mc": capitals_mc, "capital_of": capital_of, "country_of_capital": country_of_capital,
+                 "element_symbols": element_symbols, "arithmetic_gsm": arithmetic_gsm, "yes_no": yes_no}
 
 
 def builtin_tasks() -> list[Task]:

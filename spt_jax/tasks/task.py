@@ -16,7 +16,7 @@ import dataclasses
 import math
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -137,6 +137,9 @@ def normalize_text(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?")
+
+
 def parse_number(text: Any) -> float | None:
     """A number from text like '$1,234.', '-7' or '3.5'; None when it is not one."""
     if isinstance(text, bool):
@@ -146,9 +149,13 @@ def parse_number(text: Any) -> float | None:
         return value if math.isfinite(value) else None
     if not isinstance(text, str):
         return None
-    cleaned = text.strip().replace(",", "").replace("$", "").strip()
+    cleaned = text.strip().replace("$", "").strip()
     if cleaned.endswith("."):
         cleaned = cleaned[:-1]
+    if "," in cleaned:  # thousands separators only in valid groups: "1,234" yes, "4,2" no
+        if not _THOUSANDS.fullmatch(cleaned):
+            return None
+        cleaned = cleaned.replace(",", "")
     try:
         value = float(cleaned)
     except ValueError:
@@ -184,6 +191,9 @@ class AnswerSpec:
 
     kind: Literal["choice", "string", "number", "yesno"]
     aliases_field: str | None = None  # record field with extra accepted gold strings (string kind)
+    # string kind: a record field that, when true, makes that item's comparison exact (case and
+    # punctuation matter: "Co" is cobalt, "CO" is not)
+    exact_field: str | None = None
     tolerance: float = 1e-6  # number kind: absolute tolerance; commas/`$` stripped
 
     def __post_init__(self):
@@ -201,9 +211,10 @@ class AnswerSpec:
         """The gold answer as text (letter / string / number / 'yes'|'no'); DataError if of the wrong type."""
         at = f" in {where}" if where else ""
         if self.kind == "choice":
-            letter = choice_letter(value, len(choices) if choices is not None else None)
-            if letter is None and choices is not None and isinstance(value, str) and value in choices:
-                letter = LETTERS[list(choices).index(value)]  # gold given as the choice text
+            if choices is not None and isinstance(value, str) and value in choices:
+                letter = LETTERS[list(choices).index(value)]  # the choice text wins: "2" among 1,2,3,4 is B
+            else:
+                letter = choice_letter(value, len(choices) if choices is not None else None)
             if letter is None:
                 span = f"A-{LETTERS[len(choices) - 1]} or 0-{len(choices) - 1}" if choices else "a letter or index"
                 raise DataError(f"gold field {field!r}{at} is {value!r}, expected a choice ({span})")
@@ -252,6 +263,8 @@ class AnswerSpec:
         if self.kind == "number":
             got, want = parse_number(answer), parse_number(gold)
             return got is not None and want is not None and abs(got - want) <= self.tolerance
+        if self.exact_field is not None and record.get(self.exact_field):
+            return answer.strip() in {g.strip() for g in [gold, *self.aliases(record)]}
         accepted = {normalize_text(g) for g in [gold, *self.aliases(record)]}
         return normalize_text(answer) in accepted
 
@@ -305,6 +318,23 @@ def choices_text(choices: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ClozeSpec:
+    """The cloze formulation (OLMES's CF): each choice's own text scored as the continuation of the
+    question without the lettered list, so a model that knows the answer but not the letters shows it.
+
+    ``context_template`` renders the question (e.g. ``"Question: {question}\nAnswer:"``) and
+    ``continuation_template`` each choice (``" {choice}"``). ``pairs``, when given, replaces both
+    with a benchmark's own construction, ``record -> [(context, continuation), ...]`` (Winogrande's
+    partial scoring: the option fills the blank in the context, only the text after it is scored).
+    """
+
+    context_template: str = "Question: {question}\nAnswer:"
+    continuation_template: str = " {choice}"
+    choices_field: str = "choices"
+    pairs: Callable[[Mapping], list[tuple[str, str]]] | None = None
+
+
 class Record(dict):
     """A task record: a plain dict of its fields, plus a read-only ``label`` saying where it came from.
 
@@ -353,6 +383,7 @@ class Task:
     fewshot_separator: str = "\n\n"
     split_names: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(_DEFAULT_SPLIT_NAMES))
     description: str = ""
+    cloze: ClozeSpec | None = None  # how the format-free cloze reference reads this task (None: no CF)
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -501,8 +532,42 @@ class Task:
 
     def score(self, output: str, record: Mapping) -> tuple[ParsedAnswer, bool]:
         parsed = self.parse(output)
+        if parsed.valid and self.is_multiple_choice:
+            letters = LETTERS[: len(self._choices(record))]  # "E" is no answer to a four-choice item
+            if parsed.answer.strip().upper() not in letters:
+                parsed = INVALID
         correct = parsed.valid and self.answer.is_correct(parsed.answer, record, self.gold(record))
         return parsed, bool(correct)
+
+    def cloze_pairs(self, record: Mapping) -> tuple[list[tuple[str, str]], int]:
+        """The cloze reference's (context, continuation) per choice, and the gold choice's index."""
+        if self.cloze is None:
+            raise DataError(f"task {self.name!r} has no cloze formulation (Task.cloze)")
+        spec = self.cloze
+        choices = record.get(spec.choices_field)
+        if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"cloze choices field {spec.choices_field!r} in {self._describe(record)} is "
+                            f"{choices!r}, expected a list of at least 2 strings")
+        if spec.pairs is not None:
+            pairs = list(spec.pairs(record))
+        else:
+            fields = self._input_fields(record)
+            context = render_template(spec.context_template, fields, what="cloze context_template",
+                                      where=self._describe(record))
+            pairs = [(context, render_template(spec.continuation_template, {**fields, "choice": c},
+                                               what="cloze continuation_template", where=self._describe(record)))
+                     for c in choices]
+        gold = self.gold(record)
+        if self.answer.kind == "choice":
+            index = LETTERS.index(gold)
+        else:
+            accepted = {normalize_text(g) for g in [gold, *self.answer.aliases(record)]}
+            matches = [i for i, c in enumerate(choices) if normalize_text(c) in accepted]
+            if len(matches) != 1:
+                raise DataError(f"{self._describe(record)}: the gold answer {gold!r} must be exactly one of the "
+                                f"cloze choices {list(choices)!r}")
+            index = matches[0]
+        return pairs, index
 
     def choice_continuations(self, record: Mapping) -> tuple[list[str], int]:
         """Each choice's target string (render_target with that letter) and the gold index."""

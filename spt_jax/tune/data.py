@@ -20,6 +20,7 @@ import warnings
 from typing import Sequence
 
 import grain
+import numpy as np
 
 from spt_jax.errors import ConfigError, DataError
 from spt_jax.sequence import Encoded, Layout
@@ -87,12 +88,19 @@ class ExampleEncoder:
         return self.layout.training_batch([self(i) for i in indices])
 
 
+def shuffle_seed(seed: int) -> int:
+    """A 31-bit seed drawn from ``seed``: neighbouring user seeds give unrelated epoch seeds."""
+    return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0] >> 1)
+
+
 @dataclasses.dataclass
 class DataOrder:
     """Seeded epoch-reshuffled order over ``n_examples``; ``next_index`` counts examples drawn.
 
-    Example k of the stream is ``grain.MapDataset.range(n).shuffle(seed).repeat()[k]`` (random
-    access), so resuming needs only ``(seed, next_index)``, and every host computes the same order.
+    Example k of the stream is ``grain.MapDataset.range(n).shuffle(shuffle_seed(seed)).repeat()[k]``
+    (random access), so resuming needs only ``(seed, next_index)``, and every host computes the same
+    order. grain reshuffles epoch e with seed + e, so the user's seed is spread first: with it used
+    as is, seed s in epoch e would replay seed s + 1's epoch e - 1.
     """
 
     n_examples: int
@@ -100,7 +108,9 @@ class DataOrder:
     next_index: int = 0
 
     def __post_init__(self):
-        self._order = grain.MapDataset.range(self.n_examples).shuffle(seed=self.seed).repeat()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"the data-order seed must be an integer >= 0, got {self.seed!r}")
+        self._order = grain.MapDataset.range(self.n_examples).shuffle(seed=shuffle_seed(self.seed)).repeat()
 
     def take(self, count: int) -> list[int]:
         """The next ``count`` example indices (crossing epoch boundaries as needed)."""

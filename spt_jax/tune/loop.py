@@ -25,10 +25,11 @@ from spt_jax.tune.data import DataOrder, ExampleEncoder, as_pairs, tuning_layout
 from spt_jax.tune.mesh import (
     DATA,
     MODEL,
+    as_mesh,
     check_batch_divides,
     default_mesh,
     global_batch,
-    place_params,
+    placed_params,
     replicated,
 )
 from spt_jax.tune.prompt import init_prompt, model_metadata, save_prompt
@@ -111,7 +112,9 @@ def tune(
     Args:
       lm: a frozen `spt_jax.models.LM` (load it with ``shardings=`` for a multi-device mesh).
       config: the run's `TuneConfig`.
-      mesh: a ``(data, model)`` mesh from `make_mesh`; default: all devices, data axis first.
+      mesh: a `jax.sharding.Mesh` with ``data`` and ``model`` axes (`make_mesh`, or ``jax.make_mesh``
+        with explicit or auto axes); default: all devices, data axis first. Weights not yet on it are
+        placed by the family's rules (`placed_params`).
       checkpoint_dir: save here every ``config.checkpoint_every`` steps and resume from the newest.
       evaluator: a `PromptEvaluator`, called at step 0, every ``config.eval_every`` steps and at
         the end; what it returns lands in ``TuneResult.evaluations``, never in the history.
@@ -122,11 +125,11 @@ def tune(
     if not isinstance(config, TuneConfig):
         raise ConfigError(f"config must be a spt_jax.tune.TuneConfig, got {type(config).__name__}")
     pairs = as_pairs(examples)
-    mesh = mesh if mesh is not None else default_mesh(config.batch_size)
+    mesh = as_mesh(mesh) if mesh is not None else default_mesh(config.batch_size)
     check_batch_divides(config.batch_size, mesh)
     layout = tuning_layout(lm, config)
     encoder = ExampleEncoder(lm.tokenizer, pairs, layout)
-    params = place_params(lm.params, mesh, lm.config)
+    params = placed_params(lm, mesh)
     train_step = make_train_step(lm, config, mesh)
     compiles_at_start = train_step.compilations
     repl = replicated(mesh)
@@ -286,6 +289,13 @@ def _evaluate(evaluator: PromptEvaluator, step: int, prompt) -> Evaluation:
 def _check_resumable(meta: dict, config: TuneConfig, model_meta: dict, directory) -> None:
     saved = TuneConfig.from_dict(meta["config"])
     changed = [f for f in saved.differences(config) if f not in RESUMABLE_CHANGES]
+    if saved.schedule != "constant" and saved.steps != config.steps:
+        # the schedule's horizon is `steps`: resuming 3 steps of a cosine run as 6 would restart it
+        raise ConfigError(
+            f"{directory}: the checkpoint's {saved.schedule} learning-rate schedule spans "
+            f"steps={saved.steps}; resume with steps={saved.steps} (a longer run needs a new "
+            "checkpoint_dir, or schedule='constant')"
+        )
     if changed:
         raise ConfigError(
             f"{directory}: the checkpoint was made with different settings ({', '.join(changed)}); "

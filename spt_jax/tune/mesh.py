@@ -8,12 +8,23 @@ after a reduction are replicated, by explicit rule. Every parameter must match e
 or two is a bug in the family's table and raises `ShardingRuleError`, so a renamed parameter cannot
 silently stop being sharded. A tensor whose axis does not divide by the ``model`` axis size stays
 replicated, so any mesh works for any model.
+
+Generation and scoring use the same mesh (`on_mesh`): batch rows over ``data``, weights by the same
+rules, the shared prefix replicated, the KV cache over ``data`` (rows) and ``model`` (kv heads, when
+they divide). Any `jax.sharding.Mesh` with ``data`` and ``model`` axes is accepted (`as_mesh`): one
+with explicit axis types (``jax.make_mesh``'s default) is turned into the equivalent Auto mesh over
+the same devices, and the jitted functions run under it (``jax.set_mesh``), so a caller's own mesh
+context cannot leak explicit axes into them. Settings name a mesh by a spec string
+(`parse_mesh_spec`: ``"data=4,model=2"``, ``"model=2"``, ``"auto"``), built by `mesh_from_spec`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import re
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -39,11 +50,99 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     )
 
 
-def default_mesh(batch_size: int) -> Mesh:
-    """All devices: as many on ``data`` as divide the batch, the rest on ``model``."""
+def default_mesh(*batch_sizes: int) -> Mesh:
+    """All devices: as many on ``data`` as divide every batch size, the rest on ``model``."""
     n = jax.device_count()
-    data = math.gcd(n, batch_size)
+    data = math.gcd(n, *batch_sizes)
     return make_mesh(data, n // data)
+
+
+def as_mesh(mesh) -> Mesh:
+    """``mesh`` checked to have exactly the ``data`` and ``model`` axes, with Auto axis types.
+
+    A mesh with explicit (or manual) axes, e.g. from ``jax.make_mesh``, becomes the equivalent Auto
+    mesh over the same devices in the same order: the library states its shardings itself.
+    """
+    if not isinstance(mesh, Mesh):
+        raise ConfigError(
+            f"mesh must be a jax.sharding.Mesh with axes ({DATA!r}, {MODEL!r}), got {type(mesh).__name__}; "
+            "build one with spt_jax.tune.make_mesh(data, model) or jax.make_mesh((d, m), ('data', 'model'))"
+        )
+    names = tuple(mesh.axis_names)
+    if sorted(names) != sorted((DATA, MODEL)):
+        raise ConfigError(
+            f"the mesh has axes {names}; spt_jax needs exactly the axes ({DATA!r}, {MODEL!r}) "
+            "(batch rows over 'data', weights over 'model'); size 1 for an axis you do not use"
+        )
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def mesh_context(mesh: Mesh):
+    """Run jitted functions under ``mesh`` (an Auto mesh from `as_mesh`): overrides a caller's context."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+_SPEC_HELP = "'data=N,model=M' (either may be left out: the rest of the devices), 'auto', or none"
+
+
+def parse_mesh_spec(spec):
+    """A mesh setting checked and normalized: None, ``"auto"``, ``"data=N,model=M"`` or a `Mesh`.
+
+    Only the text is checked here (no devices are touched); `mesh_from_spec` builds the mesh.
+    """
+    if spec is None or isinstance(spec, Mesh):
+        return as_mesh(spec) if spec is not None else None
+    if not isinstance(spec, str):
+        raise ConfigError(f"mesh must be {_SPEC_HELP}, got {spec!r}")
+    text = spec.strip().lower().replace(" ", "")
+    if text in ("auto", ""):
+        return "auto" if text else None
+    if text in ("none", "single"):
+        return None
+    sizes: dict[str, int] = {}
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        if not eq or name not in (DATA, MODEL) or name in sizes or not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"mesh {spec!r} is not {_SPEC_HELP} (sizes are positive integers)")
+        sizes[name] = int(value)
+    return ",".join(f"{name}={sizes[name]}" for name in (DATA, MODEL) if name in sizes)
+
+
+def mesh_from_spec(spec, batch_sizes: Mapping[str, int] | None = None) -> Mesh | None:
+    """The mesh a setting names (None: no mesh), checked to split every batch size over ``data``.
+
+    ``batch_sizes`` maps setting names (for the error message) to the batch sizes that will run on
+    the mesh. ``"auto"``: every device, as many on ``data`` as divide all of them, the rest on
+    ``model``. ``"data=N,model=M"``: exactly N x M devices (all of them, on every process).
+    """
+    spec = parse_mesh_spec(spec)
+    batch_sizes = dict(batch_sizes or {})
+    if spec is None:
+        return None
+    if isinstance(spec, Mesh):
+        mesh = spec
+    elif spec == "auto":
+        mesh = default_mesh(*batch_sizes.values()) if batch_sizes else make_mesh()
+    else:
+        sizes = dict(part.split("=") for part in spec.split(","))
+        model = int(sizes.get(MODEL, 0)) or None
+        data = int(sizes[DATA]) if DATA in sizes else None
+        if model is None:
+            n = jax.device_count()
+            if data is None or n % data:
+                raise ConfigError(f"mesh data={data} does not divide the {n} devices")
+            model = n // data
+        mesh = make_mesh(data, model)
+    for what, size in batch_sizes.items():
+        check_batch_divides(size, mesh, what=what)
+    return mesh
+
+
+def mesh_spec(mesh: Mesh | None) -> str | None:
+    """The spec string of a mesh (what results files record)."""
+    return None if mesh is None else f"{DATA}={mesh.shape[DATA]},{MODEL}={mesh.shape[MODEL]}"
 
 
 def _path_name(path) -> str:
@@ -94,6 +193,7 @@ def param_shardings(state, mesh: Mesh, config: ModelConfig | None = None):
     family's rules are used, which still refuses a parameter no rule names. Use it to load straight
     onto the mesh: ``spt_jax.models.load(name, shardings=lambda s: param_shardings(s, mesh))``.
     """
+    mesh = as_mesh(mesh)
     model_size = mesh.shape[MODEL]
     family = family_for(config.model_type) if config is not None else None
     return jax.tree_util.tree_map_with_path(
@@ -119,16 +219,85 @@ def place_params(params, mesh: Mesh, config: ModelConfig | None = None):
     Loading with ``shardings=`` avoids any move here; otherwise each tensor moves once, up front.
     ``config`` picks the family's sharding rules, as in `param_shardings`.
     """
-    shardings = param_shardings(params, mesh, config)
+    mesh = as_mesh(mesh)
+    return jax.tree.map(_put, params, param_shardings(params, mesh, config))
 
-    def place(x, s):
-        if getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(s, x.ndim):
-            return x
-        if jax.process_count() > 1 and getattr(x, "is_fully_addressable", True):
-            x = np.asarray(x)  # host-local values (equal on every host) become one global array
-        return jax.device_put(x, s)
 
-    return jax.tree.map(place, params, shardings)
+def _put(x, sharding: NamedSharding):
+    """``x`` on ``sharding``: untouched when already there (on a mesh of the same axis types)."""
+    current = getattr(x, "sharding", None)
+    if current is not None and current.is_equivalent_to(sharding, x.ndim) and (
+        not isinstance(current, NamedSharding) or current.mesh == sharding.mesh
+    ):
+        return x  # (the same layout on an explicit-axis mesh would carry its axis types into jit)
+    if jax.process_count() > 1 and getattr(x, "is_fully_addressable", True):
+        x = np.asarray(x)  # host-local values (equal on every host) become one global array
+    return jax.device_put(x, sharding)
+
+
+def replicate(tree, mesh: Mesh):
+    """Small values (masks, a prefix's KV, a soft prompt) whole on every device of ``mesh``."""
+    repl = replicated(mesh)
+    return jax.tree.map(lambda x: _put(x, repl), tree)
+
+
+def placed_params(lm, mesh: Mesh):
+    """``lm.params`` on ``mesh`` by its family's rules, placed once per mesh (kept in ``lm.compiled``).
+
+    A model loaded with ``shardings=`` for this mesh is returned as is (no copy). A model loaded
+    plainly gets one sharded copy per mesh, kept for its later calls; load with ``shardings=`` to
+    avoid holding both.
+    """
+    mesh = as_mesh(mesh)
+    return lm.compiled.memo(("params_on", mesh), lambda: place_params(lm.params, mesh, lm.config))
+
+
+def kv_cache_shardings(mesh: Mesh, config: ModelConfig) -> tuple[NamedSharding, NamedSharding]:
+    """Shardings of a batch's KV cache: ``k``/``v`` ``[L, B, S, K, d]`` (rows over ``data``, kv heads
+    over ``model`` when they divide) and ``pos`` ``[B, S]`` (rows over ``data``)."""
+    heads = MODEL if mesh.shape[MODEL] > 1 and config.n_kv_heads % mesh.shape[MODEL] == 0 else None
+    return (NamedSharding(mesh, PartitionSpec(None, DATA, None, heads, None)),
+            NamedSharding(mesh, PartitionSpec(DATA, None)))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+    """A generation or scoring call on a mesh: the (Auto) mesh, the weights on it, the batch size."""
+
+    mesh: Mesh
+    params: object  # lm.params placed on the mesh
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    @property
+    def rows(self) -> NamedSharding:
+        return batch_sharding(self.mesh)
+
+    def param_shardings(self, lm):
+        return param_shardings(lm.params, self.mesh, lm.config)
+
+    def kv_shardings(self, config: ModelConfig):
+        return kv_cache_shardings(self.mesh, config)
+
+    def batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Rows over ``data``; each process passes only its own rows (see `global_batch`)."""
+        return global_batch(arrays, self.mesh)
+
+    def replicate(self, tree):
+        return replicate(tree, self.mesh)
+
+    def context(self):
+        return mesh_context(self.mesh)
+
+
+def on_mesh(lm, mesh, batch_size: int, what: str) -> OnMesh:
+    """Check ``mesh`` (`as_mesh`) and that ``batch_size`` (the setting named ``what``) divides its
+    ``data`` axis; place the weights (`placed_params`)."""
+    mesh = as_mesh(mesh)
+    check_batch_divides(batch_size, mesh, what=what)
+    return OnMesh(mesh=mesh, params=placed_params(lm, mesh))
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -137,7 +306,7 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     `jax.make_array_from_process_local_data` takes this process's contiguous slice of rows along
     ``data``; on one host that is the whole batch.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(as_mesh(mesh))
     out = {}
     for name, array in batch.items():
         rows = _local_rows(sharding, array.shape)
@@ -160,10 +329,10 @@ def _local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
     return slice(lo, hi)
 
 
-def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
+def check_batch_divides(batch_size: int, mesh: Mesh, what: str = "TuneConfig.batch_size") -> None:
     data = mesh.shape[DATA]
     if batch_size % data:
         raise ConfigError(
-            f"TuneConfig.batch_size={batch_size} does not divide over the mesh's data axis of "
+            f"{what}={batch_size} does not divide over the mesh's data axis of "
             f"size {data}; use a multiple of {data} or a mesh with a smaller data axis"
         )

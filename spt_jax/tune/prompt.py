@@ -66,10 +66,12 @@ def embed_tokens(lm, token_ids) -> np.ndarray:
 
 
 def regular_token_ids(lm) -> np.ndarray:
-    """Vocabulary ids that are neither special tokens nor beyond the tokenizer's vocabulary."""
+    """Vocabulary ids the model learned as text: not special, not added (control tokens and never-
+    trained placeholders such as Gemma's 6242 ``<unusedN>``), not beyond the tokenizer's vocabulary."""
     n = min(lm.config.vocab_size, len(lm.tokenizer))
-    special = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
-    ids = np.array([i for i in range(n) if i not in special], np.int32)
+    excluded = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+    excluded |= set(getattr(lm.tokenizer, "added_tokens_decoder", {}) or {})
+    ids = np.array([i for i in range(n) if i not in excluded], np.int32)
     if ids.size == 0:
         raise ConfigError(f"model {model_id(lm)!r}: the tokenizer has no regular tokens to sample from")
     return ids

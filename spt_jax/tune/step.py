@@ -23,7 +23,7 @@ from spt_jax.models.compiled import CompileCache
 from spt_jax.models.transformer import positions_from_mask
 from spt_jax.sequence import place_prompt
 from spt_jax.tune.config import TuneConfig
-from spt_jax.tune.mesh import batch_sharding, param_shardings, replicated
+from spt_jax.tune.mesh import as_mesh, batch_sharding, mesh_context, param_shardings, replicated
 
 
 def make_optimizer(config: TuneConfig) -> optax.GradientTransformation:
@@ -93,9 +93,11 @@ class TrainStep:
     optimizer: optax.GradientTransformation
     name: str
     cache: CompileCache = dataclasses.field(repr=False)
+    mesh: Mesh | None = None
 
     def __call__(self, prompt, opt_state, params, batch):
-        return self.jitted(prompt, opt_state, params, batch)
+        with mesh_context(self.mesh):  # our Auto mesh, whatever mesh context the caller is in
+            return self.jitted(prompt, opt_state, params, batch)
 
     @property
     def compilations(self) -> int:
@@ -118,6 +120,7 @@ def make_train_step(lm, config: TuneConfig, mesh: Mesh | None = None) -> TrainSt
     ``lm.compiled``, keyed by (mesh, step settings), so repeated runs on the model (resumption,
     sweeps over seeds or data) reuse its compilations; ``compilations`` keeps counting across them.
     """
+    mesh = as_mesh(mesh) if mesh is not None else None
     settings = _step_settings(config)
     name = _step_name(mesh, settings)
     return lm.compiled.memo(("train_step", mesh, settings), lambda: _build_train_step(lm, config, mesh, name))
@@ -161,4 +164,4 @@ def _build_train_step(lm, config: TuneConfig, mesh: Mesh | None, name: str) -> T
             in_shardings=(repl, repl, param_shardings(lm.params, mesh, lm.config), batch_sharding(mesh)),
             out_shardings=(repl, repl, repl),
         )
-    return TrainStep(jitted=jitted, optimizer=optimizer, name=name, cache=lm.compiled)
+    return TrainStep(jitted=jitted, optimizer=optimizer, name=name, cache=lm.compiled, mesh=mesh)

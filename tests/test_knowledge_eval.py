@@ -1,0 +1,146 @@
+"""Evaluation that shows knowledge: free-form fact tasks, the cloze (CF) references, and the fixes a
+review of the judges and the tuning loop asked for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_builtin_tasks import CAPITALS
+from test_evaluate import make_tiny_lm, scripted_generate, toy_task
+
+from spt_jax import evaluate as ev
+from spt_jax import report, scoring
+from spt_jax.errors import ConfigError
+from spt_jax.tasks import get_task
+from spt_jax.tasks.task import AnswerSpec, parse_number
+
+# --------------------------------------------------------------------------------------------------
+# free-form capital tasks
+
+
+@pytest.mark.parametrize("name", ["capital_of", "country_of_capital"])
+def test_free_form_capital_tasks_are_true_facts_split_like_capitals_mc(name):
+    task, mc = get_task(name), get_task("capitals_mc")
+    for split in ("train", "validation", "test"):
+        records = task.records(split)
+        mc_ids = {r["id"] for r in mc.records(split)}
+        assert records and {r["id"] for r in records} <= mc_ids  # the same facts in the same split
+        for r in records:
+            group, place, direction = r["id"].split(":")
+            want = CAPITALS[group, place] if name == "capital_of" else place
+            assert r["answer"] == want and task.gold(r) == want
+            parsed, correct = task.score(task.render_target(r), r)
+            assert parsed.valid and correct
+            pairs, gold = task.cloze_pairs(r)
+            assert pairs[gold][1] == " " + want and len({c for c, _ in pairs}) == 1
+            assert pairs[0][0] == f"Question: {r['question']}\nAnswer:"
+
+
+def test_capitals_mc_cloze_scores_the_choice_text_without_the_list():
+    task = get_task("capitals_mc")
+    r = task.records("test")[0]
+    pairs, gold = task.cloze_pairs(r)
+    assert [x for _, x in pairs] == [" " + c for c in r["choices"]]
+    assert "A." not in pairs[0][0] and gold == "ABCD".index(task.gold(r))
+
+
+# --------------------------------------------------------------------------------------------------
+# the CF references
+
+
+def test_item_scoring_from_a_shared_context_equals_scoring_each_pair():
+    lm = make_tiny_lm()
+    items = [[("Q: 1+2?\nA:", " 3"), ("Q: 1+2?\nA:", " 4"), ("Q: 1+2?\nA:", " 12")],
+             [("ab c", " d"), ("ab e", " f")]]  # the second item: one context per choice
+    got = scoring.item_choice_loglikelihoods(lm, items)
+    for item, scores in zip(items, got):
+        want = scoring.loglikelihoods(lm, [c for c, _ in item], [x for _, x in item])
+        np.testing.assert_allclose(scores, want, atol=1e-4)
+
+
+def test_cloze_references_run_as_two_labelled_rows(tmp_path):
+    task = toy_task()
+    import dataclasses
+
+    from spt_jax.tasks.task import ClozeSpec
+
+    task = dataclasses.replace(task, cloze=ClozeSpec(context_template="Q: {question}\nA:"))
+    calls = []
+
+    def score_items(lm, items, **_):
+        calls.append(len(items))
+        # the longest continuation wins by total, the shortest per byte
+        return [np.array([-1.0 * len(x) if i else -0.1 for i, (_, x) in enumerate(pairs)]) for pairs in items]
+
+    config = ev.EvalConfig(modes=("zero_shot",), n_test=5, loglik=True, eval_every=0)
+    results = ev.evaluate(make_tiny_lm(), task, config, tmp_path, progress=False,
+                          backends=ev.Backends(generate=scripted_generate(lambda *a: "A: A"), score_items=score_items))
+    modes = [r["mode"] for r in results["results"]]
+    assert modes == ["zero_shot", "loglik", "cloze", "cloze_norm"]
+    assert calls == [5]  # both CF rows from one scoring pass
+    assert all(r["reference"] for r in results["results"][1:])
+    table = report.results_table(results)
+    assert "CF log-lik. text (ref.)" in table and "CF log-lik. per byte (ref.)" in table and "MCF" in table
+    assert {(c["mode_a"], c["mode_b"]) for c in results["comparisons"]} == set()  # references are not paired
+    off = ev.evaluate(make_tiny_lm(), task, config.replace(cloze=False), None, progress=False,
+                      backends=ev.Backends(generate=scripted_generate(lambda *a: "A: A"), score_items=score_items))
+    assert [r["mode"] for r in off["results"]] == ["zero_shot", "loglik"]
+
+
+# --------------------------------------------------------------------------------------------------
+# judges
+
+
+def test_gold_given_as_choice_text_that_looks_like_an_index_is_the_text():
+    spec = AnswerSpec(kind="choice")
+    assert spec.canonical_gold("2", field="answer", choices=["1", "2", "3", "4"]) == "B"
+    assert spec.canonical_gold("2", field="answer", choices=["x", "y", "z", "w"]) == "C"  # an index otherwise
+    assert spec.canonical_gold("C", field="answer", choices=["A", "B", "C", "D"]) == "C"
+
+
+def test_thousands_separators_only_in_valid_groups():
+    assert parse_number("1,234") == 1234 and parse_number("$12,345,678.50") == 12345678.5
+    assert parse_number("4,2") is None and parse_number("12,34") is None and parse_number("1,2345") is None
+    assert parse_number("42") == 42
+
+
+def test_chemical_symbols_are_case_sensitive():
+    task = get_task("element_symbols")
+    cobalt = next(r for s in ("train", "validation", "test") for r in task.records(s)
+                  if r["id"].endswith(":symbol") and r["answer"] == "Co")
+    assert task.score("Answer: Co", cobalt)[1]
+    assert not task.score("Answer: CO", cobalt)[1] and not task.score("Answer: co", cobalt)[1]
+    name = next(r for r in task.records("test") if r["id"].endswith(":name_from_symbol"))
+    assert task.score("Answer: " + name["answer"].upper(), name)[1]  # names still compare loosely
+
+
+def test_letters_beyond_the_items_choices_are_invalid():
+    task = get_task("capitals_mc")
+    r = task.records("test")[0]
+    three = dict(r, choices=r["choices"][:3], answer="A")
+    parsed, _ = task.score("Answer: D", three)
+    assert not parsed.valid
+    assert task.score("Answer: A", three) == (task.parse("Answer: A"), True)
+
+
+def test_vocabulary_init_skips_added_tokens():
+    from spt_jax.tune.prompt import regular_token_ids
+
+    lm = make_tiny_lm()
+    added = set(lm.tokenizer.added_tokens_decoder)
+    assert added and not added & set(regular_token_ids(lm).tolist())
+
+
+def test_resuming_a_decaying_schedule_with_other_steps_is_refused(tmp_path):
+    from tune_support import arithmetic_examples, tiny_lm
+
+    from spt_jax import tune
+
+    lm = tiny_lm()
+    config = tune.TuneConfig(prompt_length=2, batch_size=2, steps=2, schedule="cosine", checkpoint_every=1)
+    tune.tune(lm, arithmetic_examples(8), config, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="cosine learning-rate schedule spans steps=2"):
+        tune.tune(lm, arithmetic_examples(8), config.replace(steps=4), checkpoint_dir=tmp_path, progress=False)
+    constant = config.replace(schedule="constant")
+    tune.tune(lm, arithmetic_examples(8), constant, checkpoint_dir=tmp_path / "c", progress=False)
+    tune.tune(lm, arithmetic_examples(8), constant.replace(steps=3), checkpoint_dir=tmp_path / "c", progress=False)
