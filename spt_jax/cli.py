@@ -5,8 +5,10 @@ a built-in task in all three modes (zero-shot, 5-shot, soft prompt) and prints t
 ``eval`` and ``compare`` run the parts; ``tasks`` and ``models`` list what is available.
 
 Results go into a new timestamped directory under ``--out`` (or ``--out/--name`` with ``--overwrite``),
-so nothing is overwritten silently. A user mistake (an unknown task, a malformed data file, a bad flag)
-prints ONE line on stderr and exits with status 2; a traceback means a bug in spt_jax.
+so nothing is overwritten silently; a folder appears only when its run is complete. A user mistake (an
+unknown task, a malformed data file, a bad flag) prints ONE line on stderr and exits with status 2; a
+fault of the machine (disk full, read-only, permission denied, a folder another run is writing) one
+line and status 3; Ctrl-C status 130. A traceback means a bug in spt_jax.
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from spt_jax import errors
 from spt_jax.errors import ConfigError, SptError
 
 PROG = "spt-jax"
-EXIT_USAGE = 2
+# Exit codes (README.md, "Exit codes"): 0 done; 2 bad input; 3 the machine refused (disk full,
+# read-only, permission denied, a folder in use by another run); 130 interrupted (Ctrl-C).
+EXIT_USAGE = errors.EXIT_BAD_INPUT
+EXIT_ENVIRONMENT = errors.EXIT_ENVIRONMENT
+EXIT_INTERRUPTED = 130
 
 # What only the command line decides: the model, task and folder of the main job. Every other
 # default comes from the config dataclasses (`EvalConfig`, `TuneConfig`), so the CLI, compare
 # configs and the library agree by construction.
 DEFAULT_MODEL = "gemma3-270m"
-DEFAULT_TASK = "capitals_mc"
+DEFAULT_TASK = "capital_of"
 DEFAULT_OUT = "results"
 
 
@@ -135,6 +142,9 @@ def _add_model_task(p, *, defaults: bool) -> None:
                    help=f"compute dtype (default: {_eval_default('dtype')}; bfloat16 on TPU/GPU)")
     p.add_argument("--seed", type=_non_negative_int, default=_eval_default("seed"),
                    help="seed for sampling, demos, tuning")
+    p.add_argument("--chat-template", dest="chat_template", action="store_true",
+                   default=_eval_default("chat_template"),
+                   help="wrap each input in the model's chat template as one user turn (post-trained models)")
 
 
 def _add_config_flags(p, table: dict) -> None:
@@ -163,6 +173,10 @@ def _add_tuning(p) -> None:
         flags = ["--" + flag_name.replace("_", "-")] + (["--lr"] if field == "learning_rate" else [])
         p.add_argument(*flags, dest=flag_name, type=_TUNE_TYPES[type(default)], default=None,
                        help=f"TuneConfig.{field} (default: {default})")
+    p.add_argument("--until-saturated", action="store_true",
+                   help=f"stop tuning once validation format validity has saturated (>= "
+                        f"{_tune_default('stop_threshold')} and no gain over {_tune_default('stop_patience')} "
+                        "checks; --steps is the cap)")
     _add_config_flags(p, _CURVE_FLAGS)
 
 
@@ -202,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=_positive_int, default=_eval_default("batch_size"),
                       help=f"generation batch size of the curve evaluations (default: {_eval_default('batch_size')})")
     tune.add_argument("--checkpoint-dir", default=None, help="resume from / save tuning checkpoints here")
+    tune.add_argument("--checkpoint-every", type=_non_negative_int, default=None,
+                      help="TuneConfig.checkpoint_every: steps between checkpoints in --checkpoint-dir, "
+                           f"which also gets the last step; 0: only the last (default: "
+                           f"{_tune_default('checkpoint_every')})")
     _add_output(tune)
 
     ev = sub.add_parser("eval", help="evaluate without tuning (zero-/few-shot, or a saved soft prompt)",
@@ -237,16 +255,16 @@ def _log(args):
     return lambda message: print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
 
 
-def _out_dir(args, label: str, marker: str) -> Path:
-    """The folder this run writes: a fresh timestamped one, or --name (refused if used, unless --overwrite)."""
-    from spt_jax.evaluate import check_out_dir, timestamped_dir
+def _out_dir(args, label: str) -> tuple[Path, bool]:
+    """The folder this run writes and whether it was made just now: a fresh timestamped one, or --name."""
+    from spt_jax.evaluate import timestamped_dir
 
     parent = Path(args.out if args.out is not None else DEFAULT_OUT).expanduser()
     if args.name is None:
-        return timestamped_dir(parent, label)
+        return timestamped_dir(parent, label), True
     if args.name in ("", ".", "..") or Path(args.name).name != args.name:
         raise ConfigError(f"--name must be a plain folder name, got {args.name!r}")
-    return check_out_dir(parent / args.name, args.overwrite, marker=marker)
+    return parent / args.name, False
 
 
 def _label(*parts: str) -> str:
@@ -261,6 +279,12 @@ def _tune_config(args):
     changes = {"seed": args.seed}
     changes.update({field: getattr(args, flag) for flag, field in TUNE_SHORTCUTS.items()
                     if getattr(args, flag) is not None})
+    if getattr(args, "checkpoint_every", None) is not None:  # tune only: the command with --checkpoint-dir
+        changes["checkpoint_every"] = args.checkpoint_every
+    if getattr(args, "until_saturated", False):
+        if not args.eval_every:
+            raise ConfigError("--until-saturated watches the validity checks; give --eval-every >= 1")
+        changes.update(stop_metric="format_validity", eval_every=args.eval_every)
     return tune_config_with(TuneConfig(), changes, "command line")
 
 
@@ -285,34 +309,49 @@ def load_model(name_or_path: str, *, dtype: str = "float32", log=None):
 
 
 def _evaluate_command(args, config, label_mode: str) -> int:
-    from spt_jax.evaluate import RESULTS_FILE, check_inputs, evaluate
-    from spt_jax.report import results_table
+    from spt_jax.evaluate import check_inputs, evaluate
+    from spt_jax.report import headline_lines, results_table
     from spt_jax.tasks import get_task
 
     log = _log(args)
     task = get_task(args.task)
     check_inputs(task, config)  # bad data fails before the model loads
-    with _results_dir(args, _label(args.model, task.name, label_mode), RESULTS_FILE) as out:
-        lm = load_model(args.model, dtype=args.dtype, log=log)
-        log(f"writing results to {out}")
-        results = evaluate(lm, task, config, out, overwrite=True, progress=not args.quiet, log=log)
-    print(f"\n{results['model']['name']} on {task.name} ({results['n']} test items)\n")
+    with _results_dir(args, _label(args.model, task.name, label_mode)) as out:
+        lm = _load(args, log)
+        log(f"writing results to {out.target}")
+        results = evaluate(lm, task, config, out, progress=not args.quiet, log=log)
+    form = ", chat template" if results["config"].get("chat_template") else ""
+    print(f"\n{results['model']['name']} on {task.name} ({results['n']} test items{form})\n")
     print(results_table(results))
-    print(f"results: {out}")
+    for line in headline_lines(results):
+        print(line)
+    print(f"results: {out.target}")
     return 0
 
 
 @contextlib.contextmanager
-def _results_dir(args, label: str, marker: str):
-    """The run's folder; removed again if the run fails before writing anything into it."""
-    out = _out_dir(args, label, marker)
-    was_empty = not any(out.iterdir())
+def _results_dir(args, label: str):
+    """The run's staged folder (`output_folder`, entered before the model loads, so a used or locked
+    folder fails at once); it appears at ``.target`` only if the run succeeds."""
+    from spt_jax.evaluate import output_folder
+
+    target, created = _out_dir(args, label)
     try:
-        yield out
+        with output_folder(target, args.overwrite) as out:
+            yield out
     except BaseException:
-        if was_empty and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # the empty timestamped folder this run reserved
         raise
+
+
+def _load(args, log):
+    """The model, then a check for a Ctrl-C that a callback swallowed while it loaded."""
+    from spt_jax.system import check_interrupted
+
+    lm = load_model(args.model, dtype=args.dtype, log=log)
+    check_interrupted()
+    return lm
 
 
 def cmd_run(args) -> int:
@@ -328,44 +367,47 @@ def cmd_eval(args) -> int:
                           "'spt-jax run' tunes one")
     if args.prompt and not Path(args.prompt).expanduser().exists():
         raise ConfigError(f"prompt file {args.prompt} does not exist")
+    if args.prompt:
+        from spt_jax.tune import load_prompt
+
+        load_prompt(Path(args.prompt).expanduser())  # a broken prompt file fails before the model loads
     config = _eval_config(args, modes=modes, prompt_file=args.prompt, eval_every=0)
     return _evaluate_command(args, config, "eval")
 
 
 def cmd_tune(args) -> int:
-    from spt_jax.evaluate import PROMPT_FILE, TUNING_FILE, check_inputs, tune_outputs
+    from spt_jax.evaluate import PROMPT_FILE, check_inputs, tune_outputs
     from spt_jax.tasks import get_task
 
     log = _log(args)
     config = _eval_config(args, modes=("soft_prompt",), tune=_tune_config(args), loglik=False)
     task = get_task(args.task)
     check_inputs(task, config)
-    with _results_dir(args, _label(args.model, task.name, "tune"), TUNING_FILE) as out:
-        lm = load_model(args.model, dtype=args.dtype, log=log)
-        log(f"tuning a soft prompt on {task.name}'s train split; writing to {out}")
-        summary = tune_outputs(lm, task, config, out, overwrite=True, checkpoint_dir=args.checkpoint_dir,
-                               progress=not args.quiet)
+    with _results_dir(args, _label(args.model, task.name, "tune")) as out:
+        lm = _load(args, log)
+        log(f"tuning a soft prompt on {task.name}'s train split; writing to {out.target}")
+        summary = tune_outputs(lm, task, config, out, checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
     curve = summary.get("curve") or []
     if curve:
         last = curve[-1]
         print(f"step {last['step']}: format validity {last['format_validity']:.3f}, accuracy "
               f"{last['accuracy']:.3f} on {last['n']} {last['split']} items")
-    print(f"prompt: {out / PROMPT_FILE}")
+    print(f"prompt: {out.target / PROMPT_FILE}")
     return 0
 
 
 def cmd_compare(args) -> int:
-    from spt_jax.evaluate import COMPARE_FILE, compare, load_compare_config
+    from spt_jax.evaluate import compare, load_compare_config
     from spt_jax.report import compare_markdown
 
     log = _log(args)
     config = load_compare_config(args.config)
     if args.out is None:
         args.out = config.out or DEFAULT_OUT
-    with _results_dir(args, _label(Path(args.config).stem, "compare"), COMPARE_FILE) as out:
-        summary = compare(config, out, overwrite=True, progress=not args.quiet, load_model=load_model, log=log)
+    with _results_dir(args, _label(Path(args.config).stem, "compare")) as out:
+        summary = compare(config, out, progress=not args.quiet, load_model=load_model, log=log)
     print(compare_markdown(summary))
-    print(f"results: {out}")
+    print(f"results: {out.target}")
     return 0
 
 
@@ -407,19 +449,39 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``spt-jax`` console script; returns the exit status."""
+    """Entry point of the ``spt-jax`` console script; returns the exit status (README: exit codes)."""
+    from spt_jax.system import interrupt_guard
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    with interrupt_guard() as flag:
+        try:
+            code = _run_command(argv)
+        except KeyboardInterrupt:
+            code = None
+        if code is None or (flag is not None and flag.fired):  # fired: an interrupt some callback swallowed
+            print(f"{PROG}: interrupted; no results were written and earlier ones are untouched", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return code
+
+
+def _run_command(argv: list[str]) -> int:
+    """The command's status, or the exit code of the one-line error it ended with."""
+    from spt_jax.errors import environment_fault
+
     try:
         args = build_parser().parse_args(argv or ["run"])  # no arguments: the main job
         if args.command is None:
             raise UsageError(f"{PROG}: name a command: {', '.join(COMMANDS)} (see '{PROG} --help')")
         return COMMANDS[args.command](args)
     except SptError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(e)
+    except OSError as e:  # the machine refused (disk full, read-only, permissions) where no one said why
+        return _fail(environment_fault(e, "file system error at" if e.filename else "file system error"))
+
+
+def _fail(error: SptError) -> int:
+    print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+    return error.exit_code
 
 
 if __name__ == "__main__":

@@ -83,6 +83,26 @@ def comparisons_table(results: Mapping) -> str:
     return _table(header, rows)
 
 
+def headline_lines(results: Mapping) -> list[str]:
+    """The lines under the table: each mode's accuracy against zero-shot (McNemar), the CF
+    reference's knowledge next to the soft prompt's, and where format validity saturated."""
+    lines = []
+    for c in results.get("comparisons", []):
+        if c["metric"] == "accuracy" and c["mode_a"] == "zero_shot":
+            mode = _mode_name_label(c["mode_b"])
+            lines.append(f"{mode} vs zero-shot: accuracy {-c['difference']:+.3f}, McNemar p = {c['p_value']:.3g} "
+                         f"(right only with {mode}: {c['c']} items, only zero-shot: {c['b']})")
+    tuning = results.get("tuning") or {}
+    saturated = (tuning.get("metadata") or {}).get("saturated_at_step")
+    if tuning.get("curve"):
+        first_full = next((p["step"] for p in tuning["curve"] if p["format_validity"] >= 0.95), None)
+        if saturated is not None:
+            lines.append(f"format validity saturated at step {saturated} (tuning stopped at step {tuning['steps']})")
+        elif first_full is not None:
+            lines.append(f"format validity on the validation items first reached 0.95 at step {first_full}")
+    return lines
+
+
 def curve_table(curve: Sequence[Mapping]) -> str:
     if not curve:
         return ""
@@ -97,6 +117,9 @@ def results_markdown(results: Mapping) -> str:
              f"{results['n']} test items, seed {results['seed']}. Accuracy counts an unparsable answer as "
              "wrong; knowledge accuracy is the share correct among valid (parsable) answers.\n\n",
              results_table(results)]
+    headline = headline_lines(results)
+    if headline:
+        parts.append("\n" + "\n".join(f"- {line}" for line in headline) + "\n")
     comparisons = comparisons_table(results)
     if comparisons:
         parts += ["\n## Paired comparisons (same items, McNemar)\n\n", comparisons]
@@ -247,6 +270,7 @@ __all__ = [
     "compare_markdown",
     "comparisons_table",
     "curve_table",
+    "headline_lines",
     "fmt_estimate",
     "plot_metrics_by_mode",
     "plot_tuning_curve",

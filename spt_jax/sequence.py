@@ -301,3 +301,42 @@ class Layout:
         nb = len(self.bos)
         tokens_row[start : start + nb] = self.bos
         prompt_row[start + nb : start + nb + self.prompt_length] = np.arange(self.prompt_length)
+
+
+# --------------------------------------------------------------------------------------------------
+# chat templates
+
+
+_SENTINEL = "\u2063SPT_JAX_CONTENT\u2063"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """A post-trained model's chat template around one user turn: ``head + content + tail``.
+
+    ``tail`` ends with the assistant turn's opening, so generation continues as the assistant. A BOS
+    the template writes as text is dropped from ``head``: the layout adds BOS itself.
+    """
+
+    head: str
+    tail: str
+
+    def wrap(self, content: str) -> str:
+        return self.head + content + self.tail
+
+
+def chat_format(lm) -> ChatFormat:
+    """The `ChatFormat` of ``lm``'s tokenizer (its chat template from the tokenizer config or GGUF)."""
+    tokenizer = lm.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"model {lm.name!r} has no chat template (neither its tokenizer config nor its GGUF "
+                          "metadata has one); evaluate it without --chat-template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(_SENTINEL) != 1:
+        raise ConfigError(f"model {lm.name!r}: its chat template does not place the user's message once")
+    head, tail = text.split(_SENTINEL)
+    bos = tokenizer.bos_token
+    if bos and head.startswith(bos):
+        head = head[len(bos):]
+    return ChatFormat(head=head, tail=tail)

@@ -22,6 +22,7 @@ LAYERS = {
     "spt_jax.errors": 0,
     "spt_jax.sequence": 1,
     "spt_jax.metrics": 1,
+    "spt_jax.system": 1,
     "spt_jax.models": 2,
     "spt_jax.tasks": 2,
     "spt_jax.prefix": 3,

@@ -144,3 +144,95 @@ def test_resuming_a_decaying_schedule_with_other_steps_is_refused(tmp_path):
     constant = config.replace(schedule="constant")
     tune.tune(lm, arithmetic_examples(8), constant, checkpoint_dir=tmp_path / "c", progress=False)
     tune.tune(lm, arithmetic_examples(8), constant.replace(steps=3), checkpoint_dir=tmp_path / "c", progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# tuning that stops at saturation
+
+
+def test_saturation_rule():
+    from spt_jax.tune.stopping import saturation_step
+
+    assert saturation_step([(0, 0.1), (10, 0.96), (20, 0.96), (30, 0.95)], 0.95, 2) == 10
+    assert saturation_step([(0, 0.1), (10, 0.96), (20, 0.98)], 0.95, 2) is None  # still gaining
+    assert saturation_step([(0, 0.1), (10, 0.96), (20, 0.98), (30, 0.98), (40, 0.97)], 0.95, 2) == 20
+    assert saturation_step([(0, 0.5), (10, 0.9), (20, 0.9), (30, 0.9)], 0.95, 2) is None  # below threshold
+    assert saturation_step([(0, 1.0), (10, 1.0)], 0.95, 2) is None  # not enough checks after it yet
+
+
+def test_tuning_stops_once_the_metric_saturates_and_resumes_stopped(tmp_path):
+    from tune_support import arithmetic_examples, tiny_lm
+
+    from spt_jax import tune
+
+    values = iter([0.2, 0.97, 0.97, 0.96, 0.99, 0.99])
+    calls = []
+
+    def evaluator(step, prompt):
+        calls.append(step)
+        return {"format_validity": next(values)}
+
+    config = tune.TuneConfig(prompt_length=2, batch_size=2, steps=20, eval_every=2, stop_metric="format_validity")
+    result = tune.tune(tiny_lm(), arithmetic_examples(8), config, evaluator=evaluator, progress=False,
+                       checkpoint_dir=tmp_path)
+    assert calls == [0, 2, 4, 6] and [h["step"] for h in result.history] == list(range(1, 7))
+    assert result.metadata["saturated_at_step"] == 2 and result.metadata["stopped_at_step"] == 6
+    again = tune.tune(tiny_lm(), arithmetic_examples(8), config, evaluator=evaluator, progress=False,
+                      checkpoint_dir=tmp_path)  # resumes a stopped run: nothing more to do
+    assert calls == [0, 2, 4, 6] and again.metadata["stopped_at_step"] == 6
+    with pytest.raises(ConfigError, match="needs eval_every"):
+        tune.TuneConfig(stop_metric="format_validity")
+    with pytest.raises(ConfigError, match="not among the evaluator's metrics"):
+        tune.tune(tiny_lm(), arithmetic_examples(8), config.replace(stop_metric="accuracy"),
+                  evaluator=lambda s, p: {"format_validity": 1.0}, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# chat templates
+
+
+def _chat_lm():
+    import copy
+    import dataclasses
+
+    lm = make_tiny_lm()
+    tokenizer = copy.deepcopy(lm.tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return dataclasses.replace(lm, tokenizer=tokenizer)
+
+
+def test_chat_template_wraps_every_mode_as_one_user_turn(tmp_path):
+    from spt_jax.sequence import chat_format
+
+    lm = _chat_lm()
+    assert chat_format(lm).wrap("hi") == "<|user|>hi<|end|><|assistant|>"
+    seen = []
+
+    def generate(lm, texts, *, prefix_text="", soft_prompt=None, **_):
+        seen.extend((prefix_text, t, soft_prompt is not None) for t in texts)
+        return ["A: 1"] * len(texts)
+
+    def tune(lm, examples, config, **kwargs):
+        seen.extend(("train", x, None) for x, _ in examples)
+        from spt_jax.tune import tune as real_tune
+
+        return real_tune(lm, examples, config, **kwargs)
+
+    config = ev.EvalConfig(n_test=3, loglik=False, eval_every=0, chat_template=True, k=2,
+                           tune=ev.EvalConfig().tune.replace(steps=1, batch_size=2, prompt_length=2))
+    results = ev.evaluate(lm, toy_task(), config, tmp_path, progress=False,
+                          backends=ev.Backends(generate=generate, tune=tune))
+    assert results["config"]["chat_template"] is True
+    zero = [t for p, t, soft in seen if p == "" and not soft][:3]
+    assert all(t.startswith("<|user|>") and t.endswith("<|end|><|assistant|>") for t in zero)
+    few = [(p, t) for p, t, soft in seen if p not in ("", "train")]
+    assert few and all(p.startswith("<|user|>") and t.endswith("<|end|><|assistant|>") for p, t in few)
+    train = [t for p, t, _ in seen if p == "train"]
+    assert train and all(t.startswith("<|user|>") for t in train)
+
+
+def test_chat_template_on_a_model_without_one_is_a_clear_error(tmp_path):
+    config = ev.EvalConfig(modes=("zero_shot",), n_test=2, loglik=False, eval_every=0, chat_template=True)
+    with pytest.raises(ConfigError, match="has no chat template"):
+        ev.evaluate(make_tiny_lm(), toy_task(), config, None, progress=False)

@@ -7,7 +7,9 @@ log-likelihood choice accuracy of multiple-choice tasks) add format-free rows. M
 * `config`   -- `EvalConfig`, the one source of the settings and their defaults;
 * `modes`    -- modes as objects and their registry (`register_mode`);
 * `protocol` -- `evaluate` (a loop over the modes) and `tune_outputs`, with injectable `Backends`;
-* `results`  -- output folders, results.json assembly, writing and loading (docs/results_schema.md);
+* `results`  -- the files of a results folder: results.json assembly, writing and loading
+  (docs/results_schema.md);
+* `folders`  -- where outputs go: guarded, locked, staged folders renamed into place when complete;
 * `compare`  -- models x tasks from a config file and rank correlations between modes.
 """
 
@@ -20,6 +22,7 @@ from spt_jax.evaluate.compare import (
     rank_correlations,
 )
 from spt_jax.evaluate.config import TUNE_SHORTCUTS, EvalConfig, eval_config_from_dict, tune_config_with
+from spt_jax.evaluate.folders import Staging, check_out_dir, output_folder, timestamped_dir
 from spt_jax.evaluate.modes import (
     GenerationMode,
     Mode,
@@ -52,18 +55,16 @@ from spt_jax.evaluate.results import (
     RESULTS_FILE,
     SCHEMA_VERSION,
     TUNING_FILE,
-    check_out_dir,
     load_results,
-    timestamped_dir,
     versions,
 )
 
 __all__ = [
     "Backends", "COMPARE_FILE", "CompareConfig", "EvalConfig", "EvalContext", "GenerationMode", "Mode",
     "ModeRun", "ModelSpec", "PREDICTIONS_FILE", "PROMPT_FILE", "Prepared", "REPORT_FILE", "RESULTS_FILE",
-    "SCHEMA_VERSION", "TUNE_SHORTCUTS", "TUNING_FILE", "ValidityCurve", "all_modes", "check_inputs",
+    "SCHEMA_VERSION", "Staging", "TUNE_SHORTCUTS", "TUNING_FILE", "ValidityCurve", "all_modes", "check_inputs",
     "check_out_dir", "compare", "compare_config_from_dict", "curve_records", "eval_config_from_dict",
-    "evaluate", "generation_mode_names", "get_mode", "load_compare_config", "load_results", "mode_label",
+    "evaluate", "generation_mode_names", "get_mode", "load_compare_config", "load_results", "mode_label", "output_folder",
     "rank_correlations", "register_mode", "score_outputs", "select_test", "timestamped_dir",
     "tune_config_with", "tune_outputs", "tune_soft_prompt", "unregister_mode", "versions",
 ]  # fmt: skip

@@ -21,6 +21,7 @@ from spt_jax import metrics
 from spt_jax.errors import ConfigError, close_names
 from spt_jax.evaluate import results as res
 from spt_jax.evaluate.config import EvalConfig, eval_config_from_dict
+from spt_jax.evaluate.folders import Staging, output_folder
 from spt_jax.evaluate.modes import SoftPrompt, ZeroShot, reference_modes
 from spt_jax.evaluate.protocol import Backends, check_inputs, evaluate
 from spt_jax.tasks.files import read_mapping_file
@@ -191,7 +192,8 @@ def compare(
     """Evaluate every model on every task (config file: docs/results_schema.md#compare), then tabulate.
 
     Writes ``out_dir/<model>/<task>/`` per evaluation plus ``compare.json`` and ``compare.md`` (a table
-    per task and the rank correlations). Models load one at a time, so memory holds one model.
+    per task and the rank correlations). Models load one at a time, so memory holds one model. The
+    folder (a path or an open `Staging`) appears only when every evaluation is done (`output_folder`).
     """
     from spt_jax import report
     from spt_jax.tasks import get_task
@@ -201,16 +203,15 @@ def compare(
     out_dir = out_dir if out_dir is not None else config.out
     if out_dir is None:
         raise ConfigError("compare needs an output directory (the config's 'out' field or --out)")
-    out = Path(out_dir).expanduser()
-    if (out / res.COMPARE_FILE).exists() and not overwrite:
-        raise ConfigError(f"{out} already holds compare results ({res.COMPARE_FILE}); choose another directory "
-                          "or pass --overwrite")
+    if not isinstance(out_dir, Staging):  # staged: the folder appears only when every run is complete
+        with output_folder(out_dir, overwrite) as staging:
+            return compare(config, staging, progress=progress, load_model=load_model, log=log, backends=backends)
+    out = out_dir.path
     tasks = [get_task(name) for name in config.tasks]
     for task in tasks:  # bad data fails now, not after the first model
         check_inputs(task, config.eval)
     if load_model is None:
         from spt_jax.models import load as load_model
-    out.mkdir(parents=True, exist_ok=True)
 
     runs: list[dict] = []
     started = time.perf_counter()
@@ -220,8 +221,7 @@ def compare(
         for task in tasks:
             log(f"evaluating {spec.name} on {task.name}")
             run_dir = out / _folder(spec.name) / _folder(task.name)
-            results = evaluate(lm, task, config.eval, run_dir, overwrite=overwrite, progress=progress, log=log,
-                               backends=backends)
+            results = evaluate(lm, task, config.eval, run_dir, progress=progress, log=log, backends=backends)
             runs.append({"model": spec.name, "role": spec.role, "base": spec.base, "task": task.name,
                          "dir": str(run_dir.relative_to(out)), "results": results["results"]})
         del lm

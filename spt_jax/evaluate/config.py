@@ -32,7 +32,8 @@ class EvalConfig:
     ``n_curve`` fixed validation items (0: only before and after tuning). ``prompt_file`` evaluates
     a saved soft prompt instead of tuning one. ``dtype`` is used by the callers that load the model
     (CLI, ``compare``). ``seed`` picks the test sample, the demonstrations and the curve items; the
-    prompt's initialization and data order follow ``tune.seed``.
+    prompt's initialization and data order follow ``tune.seed``. ``chat_template`` wraps each input
+    in the tokenizer's chat template as one user turn (the soft prompt precedes the turn).
     """
 
     modes: tuple[str, ...] = ("zero_shot", "few_shot", "soft_prompt")
@@ -45,6 +46,7 @@ class EvalConfig:
     batch_size: int = 16
     dtype: str = "float32"
     loglik: bool = True  # the MCF reference (the letter after the lettered list) on multiple-choice tasks
+    chat_template: bool = False  # wrap every input in the model's chat template (post-trained models)
     cloze: bool = True  # the CF references (each choice's text as the continuation) where the task has a cloze form
     max_new_tokens: int | None = None  # None: the task's own budget
     confidence: float = 0.95

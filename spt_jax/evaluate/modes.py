@@ -170,7 +170,7 @@ class ZeroShot(GenerationMode):
     name, label, aliases = "zero_shot", "zero-shot", ("zero-shot", "zero")
 
     def prepare(self, ctx) -> Prepared:
-        return Prepared(inputs=[ctx.task.zero_shot_prompt(r) for r in ctx.records])
+        return Prepared(inputs=[ctx.wrap(ctx.task.zero_shot_prompt(r)) for r in ctx.records])
 
 
 @register_mode
@@ -185,8 +185,10 @@ class FewShot(GenerationMode):
 
     def prepare(self, ctx) -> Prepared:
         prefix = ctx.task.fewshot_prefix(ctx.config.k, ctx.config.seed)
-        return Prepared(inputs=[ctx.task.render_input(r) for r in ctx.records], prefix_text=prefix,
-                        fields={"k": ctx.config.k})
+        inputs = [ctx.task.render_input(r) for r in ctx.records]
+        if ctx.chat is not None:  # demonstrations and question in one user turn; the demos stay cached
+            prefix, inputs = ctx.chat.head + prefix, [text + ctx.chat.tail for text in inputs]
+        return Prepared(inputs=inputs, prefix_text=prefix, fields={"k": ctx.config.k})
 
     def label_for(self, row: Mapping) -> str:
         return f"{row['k']}-shot" if row.get("k") is not None else self.label
@@ -213,7 +215,7 @@ class SoftPrompt(GenerationMode):
         else:
             prompt, tuning = ctx.tune_prompt()
             tuned = True
-        return Prepared(inputs=[ctx.task.render_input(r) for r in ctx.records], soft_prompt=prompt,
+        return Prepared(inputs=[ctx.wrap(ctx.task.render_input(r)) for r in ctx.records], soft_prompt=prompt,
                         fields={"tuning_steps": tuning["steps"]}, tuning=tuning, tuned=tuned)
 
     def announce(self, ctx) -> str:

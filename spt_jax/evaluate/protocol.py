@@ -20,6 +20,7 @@ import numpy as np
 
 from spt_jax.evaluate import results as res
 from spt_jax.evaluate.config import EvalConfig
+from spt_jax.evaluate.folders import Staging, output_folder
 from spt_jax.evaluate.modes import ModeRun, get_mode, reference_modes, score_outputs
 
 
@@ -98,6 +99,15 @@ def generation_config(task, config: EvalConfig):
 # the validity curve and tuning
 
 
+def input_wrapper(lm, config: EvalConfig) -> Callable[[str], str]:
+    """How each input reaches the model: as is, or as one user turn of its chat template."""
+    if not config.chat_template:
+        return lambda text: text
+    from spt_jax.sequence import chat_format
+
+    return chat_format(lm).wrap
+
+
 @dataclasses.dataclass
 class ValidityCurve:
     """A `spt_jax.tune.PromptEvaluator`: format validity and accuracy on fixed validation items."""
@@ -108,14 +118,16 @@ class ValidityCurve:
     records: list
     config: Any  # GenerationConfig
     generate: Callable[..., list[str]]
+    wrap: Callable[[str], str] = lambda text: text
 
     @classmethod
     def for_task(cls, lm, task, config: EvalConfig, backends: Backends) -> ValidityCurve:
         split, records = curve_records(task, config.n_curve, config.seed)
-        return cls(lm, task, split, records, generation_config(task, config), backends.generate)
+        return cls(lm, task, split, records, generation_config(task, config), backends.generate,
+                   input_wrapper(lm, config))
 
     def __call__(self, step: int, prompt) -> dict[str, float]:
-        inputs = [self.task.render_input(r) for r in self.records]
+        inputs = [self.wrap(self.task.render_input(r)) for r in self.records]
         rows = score_outputs(self.task, self.records, self.generate(self.lm, inputs, soft_prompt=prompt,
                                                                     config=self.config))
         return {"format_validity": float(np.mean([r["valid"] for r in rows])),
@@ -137,7 +149,9 @@ def tune_soft_prompt(lm, task, config: EvalConfig, *, backends: Backends = Backe
     """
     curve = ValidityCurve.for_task(lm, task, config, backends) if config.eval_every > 0 else None
     tune_config = config.tune.replace(eval_every=config.eval_every) if curve is not None else config.tune
-    result = backends.tune(lm, task.examples("train"), tune_config, mesh=mesh, checkpoint_dir=checkpoint_dir,
+    wrap = input_wrapper(lm, config)
+    examples = [(wrap(text), target) for text, target in task.examples("train")]
+    result = backends.tune(lm, examples, tune_config, mesh=mesh, checkpoint_dir=checkpoint_dir,
                            evaluator=curve, progress=progress)
     return result, (curve.points(result.evaluations) if curve is not None else [])
 
@@ -190,6 +204,18 @@ class EvalContext:
         return [record for _, record in self.items]
 
     @property
+    def chat(self):
+        """The model's `ChatFormat` when ``config.chat_template``, else None."""
+        if not self.config.chat_template:
+            return None
+        from spt_jax.sequence import chat_format
+
+        return self.memo("chat_format", lambda: chat_format(self.lm))
+
+    def wrap(self, text: str) -> str:
+        return text if self.chat is None else self.chat.wrap(text)
+
+    @property
     def generation_config(self):
         return generation_config(self.task, self.config)
 
@@ -234,8 +260,9 @@ def evaluate(
 ) -> dict:
     """Run the configured modes of ``task`` on ``lm`` and write the results into ``out_dir``.
 
-    Returns the results dict (the content of results.json, see docs/results_schema.md). ``out_dir`` is
-    refused when it already holds results unless ``overwrite``; ``None`` writes nothing. Bad input
+    Returns the results dict (the content of results.json, see docs/results_schema.md). ``out_dir`` (a
+    path, or an open `Staging` from `output_folder`) is refused when it already holds spt_jax outputs
+    unless ``overwrite``, and appears only when the run is complete; ``None`` writes nothing. Bad input
     (an empty split, k larger than the train split, a missing field) raises before any model work.
     """
     from spt_jax.tasks import get_task
@@ -243,7 +270,10 @@ def evaluate(
     config = config or EvalConfig()
     task = get_task(task)
     log = log or (lambda message: None)
-    out = res.check_out_dir(out_dir, overwrite) if out_dir is not None else None
+    if out_dir is not None and not isinstance(out_dir, Staging):  # staged: the folder appears only when complete
+        with output_folder(out_dir, overwrite) as staging:
+            return evaluate(lm, task, config, staging, progress=progress, log=log, backends=backends)
+    out = out_dir.path if out_dir is not None else None
     started = time.perf_counter()
 
     check_inputs(task, config)  # bad data fails here, before minutes of model work
@@ -274,7 +304,11 @@ def tune_outputs(lm, task, config: EvalConfig, out_dir, *, overwrite: bool = Fal
     from spt_jax import report
     from spt_jax.tune import save_prompt
 
-    out = res.check_out_dir(out_dir, overwrite, marker=res.TUNING_FILE)
+    if not isinstance(out_dir, Staging):  # staged: the folder appears only when complete
+        with output_folder(out_dir, overwrite) as staging:
+            return tune_outputs(lm, task, config, staging, checkpoint_dir=checkpoint_dir, mesh=mesh,
+                                progress=progress, backends=backends)
+    out = out_dir.path
     check_inputs(task, config.replace(modes=("soft_prompt",), prompt_file=None, loglik=False))
     t0 = time.perf_counter()
     result, curve = tune_soft_prompt(lm, task, config, backends=backends, progress=progress,

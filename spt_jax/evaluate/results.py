@@ -1,8 +1,9 @@
-"""Results: output folders, assembly of results.json's rows, writing and loading the files.
+"""Results: the files of a results folder, assembly of results.json's rows, writing and loading.
 
 One place decides what a results folder holds (schema: docs/results_schema.md) and writes it:
 predictions.jsonl, the tuned prompt (through `spt_jax.tune.save_prompt`, the one prompt-file format),
-the plots, results.md and, last, results.json, whose presence marks a complete folder.
+the plots, results.md and, last, results.json, whose presence marks a complete folder. Where and how
+atomically a folder is written is `spt_jax.evaluate.folders`' job.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from spt_jax import metrics
-from spt_jax.errors import ConfigError, DataError
+from spt_jax.errors import ConfigError, DataError, environment_fault
 from spt_jax.evaluate.modes import ModeRun, get_mode
+from spt_jax.system import read_text
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -32,46 +34,9 @@ PROMPT_FILE = "soft_prompt.safetensors"
 TUNING_FILE = "tuning.json"
 COMPARE_FILE = "compare.json"
 COMPARE_REPORT_FILE = "compare.md"
-
-
-# --------------------------------------------------------------------------------------------------
-# output folders
-
-
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, marker: str = RESULTS_FILE) -> Path:
-    """The results directory, created; refuses one that already holds results (``marker``) unless
-    ``overwrite``, so a finished run is never replaced by accident."""
-    from spt_jax import report
-
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a directory")
-    if (out / marker).exists():
-        if not overwrite:
-            raise ConfigError(f"{out} already holds results ({marker}); choose another directory or "
-                              "pass overwrite=True (--overwrite) to replace them")
-        for name in (RESULTS_FILE, PREDICTIONS_FILE, REPORT_FILE, PROMPT_FILE, TUNING_FILE, COMPARE_FILE,
-                     COMPARE_REPORT_FILE, *report.PLOT_FILES):  # only our own files: no stale plot survives
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def timestamped_dir(parent: str | os.PathLike, label: str) -> Path:
-    """A fresh ``parent/YYYYmmdd-HHMMSS_label`` directory (suffixed -2, -3... if that exists)."""
-    parent = Path(parent).expanduser()
-    if parent.exists() and not parent.is_dir():
-        raise ConfigError(f"output path {parent} exists and is not a directory")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    safe = safe_name(label) or "run"
-    for n in itertools.count(1):
-        candidate = parent / (f"{stamp}_{safe}" if n == 1 else f"{stamp}_{safe}-{n}")
-        try:
-            candidate.mkdir(parents=True, exist_ok=False)
-            return candidate
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+# Every file a command writes besides the plots (report.PLOT_FILES): what marks a folder as ours.
+OUTPUT_FILES = (RESULTS_FILE, PREDICTIONS_FILE, REPORT_FILE, PROMPT_FILE, TUNING_FILE, COMPARE_FILE,
+                COMPARE_REPORT_FILE)
 
 
 def safe_name(name: str) -> str:
@@ -119,9 +84,11 @@ def load_results(path: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / RESULTS_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path, "results file"))
     except FileNotFoundError:
         raise ConfigError(f"no results file at {path}") from None
+    except OSError as e:
+        raise environment_fault(e, "cannot read the results file", path) from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
 

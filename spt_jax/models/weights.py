@@ -4,17 +4,25 @@ One code path for safetensors and GGUF: tensors arrive one at a time (already in
 names and layouts), are matched against the family's `WeightRule` table, reshaped, cast straight to
 the target dtype and written into that parameter's host buffer. Every problem (unknown, missing or
 mis-shaped tensors) is collected and raised once, so a user fixes a checkpoint in one pass.
+
+Loaded onto a mesh (``shardings``), a stacked ``[L, ...]`` parameter is never assembled on the host:
+each layer's tensor goes straight into its slot of the sharded device array (every process sends
+only the shards its own devices hold), so host memory holds one source tensor at a time, whatever
+the order of the tensors in the files (safetensors files interleave the layers).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from spt_jax.errors import WeightsError
 from spt_jax.models.families import Family, WeightRule
@@ -59,8 +67,10 @@ def load_params(
 
     Stacked layer parameters carry a leading ``[L]`` axis; a rule's ``layer`` group picks the slot.
     ``shardings``, a matching pytree of `jax.sharding.Sharding`, places each parameter on its
-    devices the moment its last slot is filled, and its host buffer is dropped then, so host memory
-    holds the unfinished stacked parameters and one source tensor, never a second full copy.
+    devices: a stacked one layer by layer into its sharded device array (a `NamedSharding` that
+    does not split the layer axis, as `spt_jax.tune.mesh.param_shardings` gives), so host memory
+    holds one source tensor; others (and stacked ones under other shardings) the moment their last
+    slot is filled, when their host buffer is dropped.
     """
     leaves = {
         _path_name(path): leaf
@@ -74,6 +84,7 @@ def load_params(
     compiled = [(re.compile(rule.pattern), rule) for rule in family.rules]
     ignored = [re.compile(p) for p in family.ignore]
     buffers: dict[str, np.ndarray] = {}
+    on_device: dict[str, jax.Array] = {}  # stacked parameters filled layer by layer on their devices
     placed: dict[str, jax.Array] = {}
     filled: dict[str, set[int]] = {}
     unexpected, shape_errors = [], []
@@ -106,7 +117,14 @@ def load_params(
             if path in placed:  # a duplicate tensor: keep the first, report it
                 unexpected.append(f"{name} (second tensor for {path})")
                 continue
-            if stacked:
+            sharding = flat_shardings.get(path)
+            if stacked and _layer_slices(sharding) is not None:
+                if path not in on_device:
+                    on_device[path] = _zeros(tuple(leaf.shape), np.dtype(leaf.dtype), sharding)
+                on_device[path] = _write_layer(on_device[path], _global(np.asarray(part, leaf.dtype),
+                                                                        _layer_slices(sharding)),
+                                               np.int32(layer), sharding)
+            elif stacked:
                 buf = buffers.get(path)
                 if buf is None:
                     buf = buffers[path] = np.empty(leaf.shape, leaf.dtype)
@@ -116,7 +134,12 @@ def load_params(
             done = filled.setdefault(path, set())
             done.add(layer if stacked else 0)
             if done == slots(path):
-                placed[path] = jax.device_put(buffers.pop(path), flat_shardings.get(path))
+                if path in on_device:  # the same buffers, labelled with the exact sharding asked for
+                    full = on_device.pop(path)
+                    placed[path] = jax.make_array_from_single_device_arrays(
+                        full.shape, sharding, [shard.data for shard in full.addressable_shards])
+                else:
+                    placed[path] = jax.device_put(buffers.pop(path), sharding)
         del array, part  # drop the source tensor (and views of it) before reading the next
 
     missing = []
@@ -134,6 +157,30 @@ def load_params(
             f"{source}: {len(problems)} problem(s) loading weights:\n  " + "\n  ".join(problems)
         )
     return jax.tree_util.tree_map_with_path(lambda path, _: placed[_path_name(path)], abstract_state)
+
+
+def _layer_slices(sharding) -> NamedSharding | None:
+    """The sharding of one layer's slice of a stacked parameter placed by ``sharding``, or None when
+    it is not a `NamedSharding` that leaves the layer axis whole (the parameter is staged on the host)."""
+    if not isinstance(sharding, NamedSharding) or (len(sharding.spec) and sharding.spec[0] is not None):
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+
+def _global(part: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host tensor as a global array: each process sends only its own devices' shards."""
+    return jax.make_array_from_callback(part.shape, sharding, lambda index: part[index])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros(shape, dtype, sharding):
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _write_layer(stacked, part, layer, sharding):
+    """``stacked`` with slot ``layer`` set to ``part``, in place (donated), on its own sharding."""
+    return jax.lax.with_sharding_constraint(jax.lax.dynamic_update_index_in_dim(stacked, part, layer, 0), sharding)
 
 
 def _ranges(indices: list[int]) -> str:

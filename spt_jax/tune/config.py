@@ -21,7 +21,8 @@ _CHOICES = {
     "schedule": ("constant", "cosine", "linear"),
 }
 # Fields a resumed run may change: they decide how long or how often, not what is learned.
-RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "checkpoint_every", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "stop_metric",
+                               "stop_threshold", "stop_patience"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,10 @@ class TuneConfig:
         FLOPs); with memory to spare, False trades that memory for speed.
       append_eos: train the model to emit EOS after the target, so generation stops by itself.
       eval_every: call the `tune` evaluator every this many steps (0: only at step 0 and at the end).
+      stop_metric, stop_threshold, stop_patience: stop before ``steps`` once the evaluator's metric
+        ``stop_metric`` (e.g. "format_validity") has reached ``stop_threshold`` and gained nothing
+        over the next ``stop_patience`` checks (`spt_jax.tune.stopping`); None never stops early.
+        Needs an evaluator and ``eval_every > 0``; the step it saturated at is in the metadata.
       checkpoint_every: save a checkpoint every this many steps (and at the end) when a
         checkpoint directory is given; keep_checkpoints is how many the manager keeps.
     """
@@ -67,6 +72,9 @@ class TuneConfig:
     eval_every: int = 0
     checkpoint_every: int = 20
     keep_checkpoints: int = 3
+    stop_metric: str | None = None
+    stop_threshold: float = 0.95
+    stop_patience: int = 2
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():
@@ -81,6 +89,15 @@ class TuneConfig:
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"TuneConfig.{name}={getattr(self, name)!r}; expected an integer >= 0")
+        if self.stop_metric is not None:
+            if not isinstance(self.stop_metric, str) or not self.stop_metric:
+                raise ConfigError(f"TuneConfig.stop_metric={self.stop_metric!r}; expected a metric name or None")
+            if self.eval_every < 1:
+                raise ConfigError("TuneConfig.stop_metric needs eval_every >= 1 (the checks it watches)")
+        if not (isinstance(self.stop_patience, int) and self.stop_patience >= 1):
+            raise ConfigError(f"TuneConfig.stop_patience={self.stop_patience!r}; expected an integer >= 1")
+        if not 0.0 <= self.stop_threshold <= 1.0:
+            raise ConfigError(f"TuneConfig.stop_threshold={self.stop_threshold!r}; expected a number in [0, 1]")
         if not self.learning_rate > 0:
             raise ConfigError(f"TuneConfig.learning_rate={self.learning_rate!r}; expected a number > 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

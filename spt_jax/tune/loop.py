@@ -34,6 +34,7 @@ from spt_jax.tune.mesh import (
 )
 from spt_jax.tune.prompt import init_prompt, model_metadata, save_prompt
 from spt_jax.tune.step import make_train_step
+from spt_jax.tune.stopping import saturation_step
 
 
 class NonFiniteLossError(SptError, FloatingPointError):
@@ -146,8 +147,9 @@ def tune(
         if run.step == 0 and evaluator is not None:
             run.evaluations.append(_evaluate(evaluator, 0, run.prompt))
 
+        run.saturated_at = _saturated(run.evaluations, config)  # a resumed run may have stopped already
         with _progress_bar(config.steps, run.step, progress) as bar:
-            while run.step < config.steps:
+            while run.step < config.steps and run.saturated_at is None:
                 step = run.step + 1
                 host_batch = encoder.batch(run.order.take(config.batch_size))
                 record = _train_one_step(run, train_step, params, global_batch(host_batch, mesh), step)
@@ -155,16 +157,20 @@ def tune(
                     raise _non_finite(run, record, checkpoints)
                 if evaluator is not None and _due(step, config.eval_every, config.steps):
                     run.evaluations.append(_evaluate(evaluator, step, run.prompt))
+                    run.saturated_at = _saturated(run.evaluations, config)
                 run.history.append(record)
                 run.step = step
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if checkpoints is not None and _due(step, config.checkpoint_every, config.steps):
+                stopping = run.saturated_at is not None
+                if checkpoints is not None and (stopping or _due(step, config.checkpoint_every, config.steps)):
                     meta = {"step": step, "data_state": run.order.state(), "config": config.to_dict(),
                             "model": model_meta, "history": run.history,
                             "evaluations": [e.to_dict() for e in run.evaluations]}
                     checkpoints.save(step, run.prompt, run.opt_state, meta)
                     run.last_saved = step
+                if stopping:
+                    break
     finally:
         if checkpoints is not None:
             checkpoints.close()
@@ -182,6 +188,8 @@ def tune(
         "truncated_inputs": encoder.n_truncated,
         "data_state": run.order.state(),
         "resumed_from_step": run.resumed_from,
+        "saturated_at_step": run.saturated_at,
+        "stopped_at_step": run.step,
         "mesh": {DATA: int(mesh.shape[DATA]), MODEL: int(mesh.shape[MODEL])},
         "process_count": jax.process_count(),
         "train_time_s": time.perf_counter() - run_start,
@@ -202,7 +210,21 @@ class _Run:
     evaluations: list = dataclasses.field(default_factory=list)  # of Evaluation
     resumed_from: int | None = None
     last_saved: int | None = None
+    saturated_at: int | None = None  # the step the stopping rule's metric saturated at
     shapes_used: set = dataclasses.field(default_factory=set)  # (length bucket, answer width) this call
+
+
+def _saturated(evaluations, config: TuneConfig) -> int | None:
+    """The step at which ``config.stop_metric`` saturated (None: not yet, or no stopping rule)."""
+    if config.stop_metric is None:
+        return None
+    points = []
+    for e in evaluations:
+        if config.stop_metric not in e.metrics:
+            raise ConfigError(f"TuneConfig.stop_metric={config.stop_metric!r} is not among the evaluator's "
+                              f"metrics ({', '.join(sorted(e.metrics))}) at step {e.step}")
+        points.append((e.step, float(e.metrics[config.stop_metric])))
+    return saturation_step(points, config.stop_threshold, config.stop_patience)
 
 
 def _due(step: int, every: int, last: int) -> bool:

@@ -1,0 +1,181 @@
+"""What spt_jax needs from the operating system, made safe to fail.
+
+* `read_text` -- a UTF-8 file whose bad byte is reported by file, line and byte offset (not as a
+  bare UnicodeDecodeError);
+* `FolderLock` -- an OS-level lock (``fcntl.flock``) on a results folder or checkpoint directory, so
+  a second writer is refused with one line, and a lock left by a killed process is free again
+  (the kernel drops a dead process's flocks);
+* `interrupt_guard` / `check_interrupted` -- Ctrl-C that always ends the run: the SIGINT handler
+  remembers it fired, so an interrupt swallowed where Python cannot raise it (a garbage-collector
+  callback, such as JAX's) still stops the run at the next check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from spt_jax.errors import FolderBusyError, environment_fault
+
+# --------------------------------------------------------------------------------------------------
+# UTF-8 text
+
+
+def read_text(path, what: str = "file") -> str:
+    """The UTF-8 text of ``path`` (a leading BOM dropped); `decode_fault` names the first bad byte.
+
+    OSErrors (a missing file, permission denied) propagate for the caller to name.
+    """
+    from spt_jax.errors import decode_fault
+
+    data = Path(path).read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise decode_fault(path, data, bom + e.start, what) from None
+
+
+def decode_lines(path, data: bytes, what: str = "data file"):
+    """``(line number, text)`` for each line of ``data`` (a file's bytes), checked line by line."""
+    from spt_jax.errors import decode_fault
+
+    offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    for number, raw in enumerate(data[offset:].splitlines(keepends=True), start=1):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise decode_fault(path, data, offset + e.start, what) from None
+        offset += len(raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# folder locks
+
+
+def lock_file_for(folder) -> Path:
+    """The lock file of ``folder``: a hidden sibling, so the folder itself can be renamed or absent."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
+
+
+class FolderLock:
+    """An exclusive, non-blocking ``flock`` on `lock_file_for(folder)`; a second holder is refused.
+
+    The lock file records the holder's pid (for the message) and is removed on release. A process
+    that dies holds nothing: the kernel releases its flock, and the next run takes the stale file.
+    """
+
+    def __init__(self, folder, *, what: str, hint: str):
+        self.folder = Path(folder)
+        self.path = lock_file_for(self.folder)
+        self.what, self.hint = what, hint
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise environment_fault(e, f"cannot create the lock file of {self.what}", self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise environment_fault(e, f"cannot lock {self.what}", self.path) from None
+                raise FolderBusyError(
+                    f"{self.what} {self.folder} is in use by another spt-jax run"
+                    f"{f' (pid {holder})' if holder else ''}; wait for it to finish or {self.hint}"
+                ) from None
+            if _same_file(fd, self.path):  # not a file a releasing holder unlinked meanwhile
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while still locked: a waiting opener then sees another inode and retries
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+class InterruptFlag:
+    """A SIGINT handler that raises KeyboardInterrupt and remembers that it fired."""
+
+    def __init__(self):
+        self.fired = False
+
+    def __call__(self, signum, frame):
+        self.fired = True
+        raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed under `interrupt_guard`, even when the first
+    KeyboardInterrupt was swallowed (Python drops exceptions raised in gc callbacks)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, InterruptFlag) and handler.fired:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_guard():
+    """Install an `InterruptFlag` for SIGINT (main thread only) and keep swallowed interrupts quiet.
+
+    Yields the flag (or None off the main thread); the previous handler and unraisable hook return
+    on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    flag, previous, previous_hook = InterruptFlag(), signal.getsignal(signal.SIGINT), sys.unraisablehook
+
+    def unraisable(info):
+        if not isinstance(info.exc_value, KeyboardInterrupt):  # the flag remembers those
+            previous_hook(info)
+
+    signal.signal(signal.SIGINT, flag)
+    sys.unraisablehook = unraisable
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
