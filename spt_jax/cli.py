@@ -139,12 +139,48 @@ def _add_model_task(p, *, defaults: bool) -> None:
                    help="task name (see 'spt-jax tasks') or a .yaml/.json task file"
                         + (f" (default: {DEFAULT_TASK})" if defaults else ""))
     p.add_argument("--dtype", default=_eval_default("dtype"), choices=DTYPES,
-                   help=f"compute dtype (default: {_eval_default('dtype')}; bfloat16 on TPU/GPU)")
+                   help=f"compute dtype (default: {_eval_default('dtype')}: bfloat16 on TPU/GPU, float32 on CPU)")
+    _add_devices(p, mesh_default=_eval_default("mesh"))
     p.add_argument("--seed", type=_non_negative_int, default=_eval_default("seed"),
                    help="seed for sampling, demos, tuning")
     p.add_argument("--chat-template", dest="chat_template", action="store_true",
                    default=_eval_default("chat_template"),
                    help="wrap each input in the model's chat template as one user turn (post-trained models)")
+
+
+def _mesh(text: str):
+    """A --mesh value: 'data=N,model=M' (either may be left out), 'auto' or 'none'."""
+    from spt_jax.tune.mesh import parse_mesh_spec
+
+    try:
+        return parse_mesh_spec(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _distributed(text: str):
+    """A --distributed value: 'auto' (the cluster says: Cloud TPU, Slurm, Open MPI) or
+    'HOST:PORT,NUM_PROCESSES,PROCESS_ID'."""
+    if text == "auto":
+        return {}
+    parts = text.split(",")
+    if len(parts) == 3 and ":" in parts[0] and parts[1].isdigit() and parts[2].isdigit():
+        if int(parts[2]) < int(parts[1]):
+            return {"coordinator_address": parts[0], "num_processes": int(parts[1]), "process_id": int(parts[2])}
+    raise argparse.ArgumentTypeError(f"expected 'auto' or HOST:PORT,NUM_PROCESSES,PROCESS_ID (process id below "
+                                     f"the count), got {text!r}")
+
+
+def _add_devices(p, *, mesh_default) -> None:
+    shown = "the config file's 'eval.mesh'" if mesh_default is None else mesh_default
+    p.add_argument("--mesh", type=_mesh, default=mesh_default,
+                   help="devices to run on: 'data=N,model=M' (batch rows over N, weights over M; N x M = all "
+                        "devices), 'auto' (all devices, as many on data as divide the batch sizes) or 'none' "
+                        f"(one device) (default: {shown})")
+    p.add_argument("--distributed", type=_distributed, nargs="?", const={}, default=None, metavar="SPEC",
+                   help="run as one process of a multi-host job (jax.distributed): 'auto' (the default when "
+                        "given alone) or HOST:PORT,NUM_PROCESSES,PROCESS_ID; start the same command on every "
+                        "host; process 0 writes the results")
 
 
 def _add_config_flags(p, table: dict) -> None:
@@ -181,6 +217,7 @@ def _add_tuning(p) -> None:
 
 
 def _add_eval(p, *, modes_default) -> None:
+    from spt_jax.evaluate.config import FEWSHOT_FORMS
     from spt_jax.evaluate.modes import generation_mode_names
 
     _add_config_flags(p, _EVAL_FLAGS)
@@ -189,6 +226,10 @@ def _add_eval(p, *, modes_default) -> None:
                         + (f" (default: {','.join(modes_default)})" if modes_default else ""))
     p.add_argument("--no-loglik", dest="loglik", action="store_false", default=_eval_default("loglik"),
                    help="skip the MCF reference (log-likelihood of the choice letters) of multiple-choice tasks")
+    p.add_argument("--fewshot-form", dest="fewshot_form", choices=FEWSHOT_FORMS, default=_eval_default("fewshot_form"),
+                   help="few-shot context: 'shared' (k seeded demos behind the instruction, one cached prefix) or "
+                        "'lm_eval' (lm-eval's k-shot context per item, also for the CF references) "
+                        f"(default: {_eval_default('fewshot_form')})")
     p.add_argument("--no-cloze", dest="cloze", action="store_false", default=_eval_default("cloze"),
                    help="skip the CF references (log-likelihood of each choice's text) where a task has them")
 
@@ -238,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--name", default=None, help="a fixed folder name instead of a timestamped one")
     compare.add_argument("--overwrite", action="store_true", help="replace results in --out/--name")
     compare.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    _add_devices(compare, mesh_default=None)
 
     sub.add_parser("tasks", help="list the available tasks", description="List every task with its description.")
     sub.add_parser("models", help="list the embedded models and whether they are installed",
@@ -297,15 +339,18 @@ def _eval_config(args, **fields):
     return EvalConfig(**{**from_flags, **fields})
 
 
-def load_model(name_or_path: str, *, dtype: str = "float32", log=None):
-    """The LM for a --model value (module-level so tests and embedders can substitute it)."""
+def load_model(name_or_path: str, *, dtype: str = "float32", log=None, shardings=None):
+    """The LM for a --model value (module-level so tests and embedders can substitute it).
+
+    ``shardings`` (passed only for a multi-device mesh) streams the weights onto it as they load.
+    """
     from spt_jax.models import load
     from spt_jax.models.embedded import EMBEDDED_MODELS
 
     known = name_or_path in EMBEDDED_MODELS or Path(name_or_path).expanduser().exists()
     if known and log is not None:  # an unknown name fails at once, with one line and no log before it
         log(f"loading {name_or_path} ({dtype})")
-    return load(name_or_path, dtype=dtype)
+    return load(name_or_path, dtype=dtype, shardings=shardings)
 
 
 def _evaluate_command(args, config, label_mode: str) -> int:
@@ -316,8 +361,12 @@ def _evaluate_command(args, config, label_mode: str) -> int:
     log = _log(args)
     task = get_task(args.task)
     check_inputs(task, config)  # bad data fails before the model loads
+    mesh = config.device_mesh()  # and a mesh that does not fit the devices or batch sizes
     with _results_dir(args, _label(args.model, task.name, label_mode)) as out:
-        lm = _load(args, log)
+        lm = _load(args, log, mesh)
+        if out is None:  # another process (0) of a multi-host job writes and prints the results
+            evaluate(lm, task, config, None, progress=False, log=log)
+            return 0
         log(f"writing results to {out.target}")
         results = evaluate(lm, task, config, out, progress=not args.quiet, log=log)
     form = ", chat template" if results["config"].get("chat_template") else ""
@@ -333,8 +382,11 @@ def _evaluate_command(args, config, label_mode: str) -> int:
 def _results_dir(args, label: str):
     """The run's staged folder (`output_folder`, entered before the model loads, so a used or locked
     folder fails at once); it appears at ``.target`` only if the run succeeds."""
-    from spt_jax.evaluate import output_folder
+    from spt_jax.evaluate import output_folder, writes_results
 
+    if not writes_results():  # multi-host: only process 0 has a folder
+        yield None
+        return
     target, created = _out_dir(args, label)
     try:
         with output_folder(target, args.overwrite) as out:
@@ -345,11 +397,16 @@ def _results_dir(args, label: str):
         raise
 
 
-def _load(args, log):
-    """The model, then a check for a Ctrl-C that a callback swallowed while it loaded."""
+def _load(args, log, mesh=None):
+    """The model (its weights streamed onto ``mesh`` when it has several devices), then a check for a
+    Ctrl-C that a callback swallowed while it loaded."""
+    from spt_jax.models import resolve_dtype_name
     from spt_jax.system import check_interrupted
+    from spt_jax.tune.mesh import loading_shardings
 
-    lm = load_model(args.model, dtype=args.dtype, log=log)
+    onto = loading_shardings(mesh)
+    lm = load_model(args.model, dtype=resolve_dtype_name(args.dtype), log=log,
+                    **({"shardings": onto} if onto is not None else {}))
     check_interrupted()
     return lm
 
@@ -383,8 +440,12 @@ def cmd_tune(args) -> int:
     config = _eval_config(args, modes=("soft_prompt",), tune=_tune_config(args), loglik=False)
     task = get_task(args.task)
     check_inputs(task, config)
+    mesh = config.device_mesh()
     with _results_dir(args, _label(args.model, task.name, "tune")) as out:
-        lm = _load(args, log)
+        lm = _load(args, log, mesh)
+        if out is None:  # another process (0) of a multi-host job writes and prints the results
+            tune_outputs(lm, task, config, None, checkpoint_dir=args.checkpoint_dir, progress=False)
+            return 0
         log(f"tuning a soft prompt on {task.name}'s train split; writing to {out.target}")
         summary = tune_outputs(lm, task, config, out, checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
     curve = summary.get("curve") or []
@@ -402,9 +463,14 @@ def cmd_compare(args) -> int:
 
     log = _log(args)
     config = load_compare_config(args.config)
+    if args.mesh is not None:
+        config = dataclasses.replace(config, eval=config.eval.replace(mesh=args.mesh))
     if args.out is None:
         args.out = config.out or DEFAULT_OUT
     with _results_dir(args, _label(Path(args.config).stem, "compare")) as out:
+        if out is None:  # another process (0) of a multi-host job writes and prints the results
+            compare(config, args.out, progress=False, load_model=load_model, log=log)
+            return 0
         summary = compare(config, out, progress=not args.quiet, load_model=load_model, log=log)
     print(compare_markdown(summary))
     print(f"results: {out.target}")
@@ -472,11 +538,23 @@ def _run_command(argv: list[str]) -> int:
         args = build_parser().parse_args(argv or ["run"])  # no arguments: the main job
         if args.command is None:
             raise UsageError(f"{PROG}: name a command: {', '.join(COMMANDS)} (see '{PROG} --help')")
+        if getattr(args, "distributed", None) is not None:
+            _start_distributed(args.distributed)
         return COMMANDS[args.command](args)
     except SptError as e:
         return _fail(e)
     except OSError as e:  # the machine refused (disk full, read-only, permissions) where no one said why
         return _fail(environment_fault(e, "file system error at" if e.filename else "file system error"))
+
+
+def _start_distributed(spec: dict) -> None:
+    """Join the multi-host job (`jax.distributed.initialize`) before anything touches a device."""
+    import jax
+
+    try:
+        jax.distributed.initialize(**spec)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--distributed: cannot join the multi-host job ({e})") from None
 
 
 def _fail(error: SptError) -> int:

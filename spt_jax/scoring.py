@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -253,25 +254,34 @@ def item_choice_loglikelihoods(
     *,
     soft_prompt: jax.Array | None = None,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> list[np.ndarray]:
     """Per item, the log-likelihood ``[n_choices]`` of each (context, continuation) pair.
 
     Pairs that share their context (a cloze item's choices) are scored in one pass from that
     context: its KV is computed once as the item's prefix and the choices continue it as one batch,
     instead of recomputing the context for every choice. Items whose choices have different
-    contexts (Winogrande's partial scoring) are scored pair by pair.
+    contexts (Winogrande's partial scoring) are scored pair by pair. ``mesh``: as in
+    `score_continuations` (an item's batch is padded to a multiple of the ``data`` axis).
     """
+    data, params = 1, None
+    if mesh is not None:
+        from spt_jax.tune.mesh import DATA, as_mesh, placed_params
+
+        mesh = as_mesh(mesh)
+        data, params = int(mesh.shape[DATA]), placed_params(lm, mesh)
     out = []
     for pairs in progress_bar(list(items), progress, "score items"):
         if not pairs:
             raise DataError("an item has no answer choices")
         contexts = {context for context, _ in pairs}
+        batch_size = math.lcm(seq.pow2_width(len(pairs), 1), data)
         if len(contexts) == 1:
-            prefix = prefix_cache(lm, soft_prompt, pairs[0][0])
+            prefix = prefix_cache(lm, soft_prompt, pairs[0][0], mesh=mesh, params=params)
             scores = score_continuations(lm, [""] * len(pairs), [c for _, c in pairs], prefix=prefix,
-                                         batch_size=seq.pow2_width(len(pairs), 1)).loglikelihood
+                                         batch_size=batch_size, mesh=mesh).loglikelihood
         else:
             scores = score_continuations(lm, [c for c, _ in pairs], [x for _, x in pairs], soft_prompt=soft_prompt,
-                                         batch_size=seq.pow2_width(len(pairs), 1)).loglikelihood
+                                         batch_size=batch_size, mesh=mesh).loglikelihood
         out.append(np.asarray(scores, np.float64))
     return out

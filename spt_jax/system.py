@@ -31,9 +31,13 @@ def read_text(path, what: str = "file") -> str:
 
     OSErrors (a missing file, permission denied) propagate for the caller to name.
     """
+    return decode_text(path, Path(path).read_bytes(), what)
+
+
+def decode_text(path, data: bytes, what: str = "file") -> str:
+    """``data`` (the bytes of file ``path``) as UTF-8 text, a leading BOM dropped."""
     from spt_jax.errors import decode_fault
 
-    data = Path(path).read_bytes()
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
         return data[bom:].decode("utf-8")

@@ -22,7 +22,7 @@ from spt_jax.evaluate.compare import (
     rank_correlations,
 )
 from spt_jax.evaluate.config import TUNE_SHORTCUTS, EvalConfig, eval_config_from_dict, tune_config_with
-from spt_jax.evaluate.folders import Staging, check_out_dir, output_folder, timestamped_dir
+from spt_jax.evaluate.folders import Staging, check_out_dir, output_folder, timestamped_dir, writes_results
 from spt_jax.evaluate.modes import (
     GenerationMode,
     Mode,
@@ -64,7 +64,7 @@ __all__ = [
     "ModeRun", "ModelSpec", "PREDICTIONS_FILE", "PROMPT_FILE", "Prepared", "REPORT_FILE", "RESULTS_FILE",
     "SCHEMA_VERSION", "Staging", "TUNE_SHORTCUTS", "TUNING_FILE", "ValidityCurve", "all_modes", "check_inputs",
     "check_out_dir", "compare", "compare_config_from_dict", "curve_records", "eval_config_from_dict",
-    "evaluate", "generation_mode_names", "get_mode", "load_compare_config", "load_results", "mode_label", "output_folder",
+    "evaluate", "generation_mode_names", "get_mode", "load_compare_config", "load_results", "mode_label", "output_folder", "writes_results",
     "rank_correlations", "register_mode", "score_outputs", "select_test", "timestamped_dir",
     "tune_config_with", "tune_outputs", "tune_soft_prompt", "unregister_mode", "versions",
 ]  # fmt: skip

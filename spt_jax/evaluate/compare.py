@@ -21,7 +21,7 @@ from spt_jax import metrics
 from spt_jax.errors import ConfigError, close_names
 from spt_jax.evaluate import results as res
 from spt_jax.evaluate.config import EvalConfig, eval_config_from_dict
-from spt_jax.evaluate.folders import Staging, output_folder
+from spt_jax.evaluate.folders import Staging, output_folder, writes_results
 from spt_jax.evaluate.modes import SoftPrompt, ZeroShot, reference_modes
 from spt_jax.evaluate.protocol import Backends, check_inputs, evaluate
 from spt_jax.tasks.files import read_mapping_file
@@ -203,13 +203,18 @@ def compare(
     out_dir = out_dir if out_dir is not None else config.out
     if out_dir is None:
         raise ConfigError("compare needs an output directory (the config's 'out' field or --out)")
-    if not isinstance(out_dir, Staging):  # staged: the folder appears only when every run is complete
+    writer = writes_results()  # on several JAX processes only process 0 writes
+    if writer and not isinstance(out_dir, Staging):  # staged: the folder appears only when every run is complete
         with output_folder(out_dir, overwrite) as staging:
             return compare(config, staging, progress=progress, load_model=load_model, log=log, backends=backends)
-    out = out_dir.path
+    out = out_dir.path if writer else None
     tasks = [get_task(name) for name in config.tasks]
     for task in tasks:  # bad data fails now, not after the first model
         check_inputs(task, config.eval)
+    from spt_jax.models import resolve_dtype_name
+    from spt_jax.tune.mesh import loading_shardings
+
+    onto = loading_shardings(config.eval.device_mesh())  # a mesh that does not fit fails before any load
     if load_model is None:
         from spt_jax.models import load as load_model
 
@@ -217,13 +222,15 @@ def compare(
     started = time.perf_counter()
     for spec in config.models:
         log(f"loading {spec.name} ({spec.path})")
-        lm = load_model(spec.path, dtype=spec.dtype or config.eval.dtype)
+        dtype = resolve_dtype_name(spec.dtype or config.eval.dtype)
+        lm = load_model(spec.path, dtype=dtype, **({"shardings": onto} if onto is not None else {}))
         for task in tasks:
             log(f"evaluating {spec.name} on {task.name}")
-            run_dir = out / _folder(spec.name) / _folder(task.name)
-            results = evaluate(lm, task, config.eval, run_dir, progress=progress, log=log, backends=backends)
+            run_dir = Path(_folder(spec.name)) / _folder(task.name)
+            results = evaluate(lm, task, config.eval, out / run_dir if out is not None else None, progress=progress,
+                               log=log, backends=backends)
             runs.append({"model": spec.name, "role": spec.role, "base": spec.base, "task": task.name,
-                         "dir": str(run_dir.relative_to(out)), "results": results["results"]})
+                         "dir": str(run_dir), "results": results["results"]})
         del lm
 
     per_task = {}
@@ -251,8 +258,9 @@ def compare(
         "per_task": per_task,
         "wall_time_s": time.perf_counter() - started,
     }
-    (out / res.COMPARE_REPORT_FILE).write_text(report.compare_markdown(summary), encoding="utf-8")
-    res.write_json(out / res.COMPARE_FILE, summary)
+    if out is not None:
+        (out / res.COMPARE_REPORT_FILE).write_text(report.compare_markdown(summary), encoding="utf-8")
+        res.write_json(out / res.COMPARE_FILE, summary)
     return summary
 
 

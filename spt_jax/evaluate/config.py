@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,9 @@ from spt_jax.errors import ConfigError, close_names
 from spt_jax.evaluate.modes import generation_mode_names
 from spt_jax.tune.config import TuneConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
+# "auto": bfloat16 on TPU/GPU, float32 on CPU (`spt_jax.models.resolve_dtype_name`, when the model loads).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FEWSHOT_FORMS = ("shared", "lm_eval")
 
 # TuneConfig fields an evaluation config (and the CLI) may set directly, by the name used there.
 TUNE_SHORTCUTS = {"steps": "steps", "tune_batch_size": "batch_size", "prompt_length": "prompt_length",
@@ -31,7 +34,10 @@ class EvalConfig:
     cores, ``None`` evaluates the whole split. ``eval_every`` tuning steps between evaluations of
     ``n_curve`` fixed validation items (0: only before and after tuning). ``prompt_file`` evaluates
     a saved soft prompt instead of tuning one. ``dtype`` is used by the callers that load the model
-    (CLI, ``compare``). ``seed`` picks the test sample, the demonstrations and the curve items; the
+    (CLI, ``compare``); "auto" is bfloat16 on TPU/GPU and float32 on CPU. ``mesh`` is where generation,
+    scoring and tuning run: "auto" (every device, as many on ``data`` as divide the batch sizes, the
+    rest on ``model``), "data=N,model=M", a `jax.sharding.Mesh`, or None (generation and scoring on
+    one device, tuning on `spt_jax.tune.tune`'s default mesh); see `device_mesh`. ``seed`` picks the test sample, the demonstrations and the curve items; the
     prompt's initialization and data order follow ``tune.seed``. ``chat_template`` wraps each input
     in the tokenizer's chat template as one user turn (the soft prompt precedes the turn).
     """
@@ -44,8 +50,13 @@ class EvalConfig:
     eval_every: int = 10
     n_curve: int = 64
     batch_size: int = 16
-    dtype: str = "float32"
+    dtype: str = "auto"
+    mesh: Any = "auto"  # "auto", "data=N,model=M", a jax.sharding.Mesh, or None
     loglik: bool = True  # the MCF reference (the letter after the lettered list) on multiple-choice tasks
+    # "shared": k seeded train demos behind the instruction, one prefix for all items (KV-cached, fast);
+    # "lm_eval": lm-eval's own k-shot context per item (its sampler, no invented instruction), also
+    # given to the CF references, so numbers compare with published lm-eval ones
+    fewshot_form: str = "shared"
     chat_template: bool = False  # wrap every input in the model's chat template (post-trained models)
     cloze: bool = True  # the CF references (each choice's text as the continuation) where the task has a cloze form
     max_new_tokens: int | None = None  # None: the task's own budget
@@ -73,8 +84,13 @@ class EvalConfig:
         _check_int("batch_size", self.batch_size, minimum=1)
         if self.max_new_tokens is not None:
             _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        if self.fewshot_form not in FEWSHOT_FORMS:
+            raise ConfigError(f"fewshot_form must be one of {', '.join(FEWSHOT_FORMS)}, got {self.fewshot_form!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from spt_jax.tune.mesh import parse_mesh_spec
+
+        object.__setattr__(self, "mesh", parse_mesh_spec(self.mesh))
         if not (isinstance(self.confidence, float) and 0.0 < self.confidence < 1.0):
             raise ConfigError(f"confidence must be a float strictly between 0 and 1, got {self.confidence!r}")
         if not isinstance(self.tune, TuneConfig):
@@ -84,10 +100,30 @@ class EvalConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        from spt_jax.tune.mesh import mesh_spec
+
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tune"}
         out["modes"] = list(self.modes)
+        if out["mesh"] is not None and not isinstance(out["mesh"], str):
+            out["mesh"] = mesh_spec(out["mesh"])
         out["tune"] = self.tune.to_dict()
         return out
+
+    def batch_sizes(self) -> dict[str, int]:
+        """The batch sizes that run on the mesh, by setting name: generation/scoring, and tuning's
+        when this evaluation tunes a prompt."""
+        sizes = {"EvalConfig.batch_size": self.batch_size}
+        if "soft_prompt" in self.modes and self.prompt_file is None:
+            sizes["TuneConfig.batch_size"] = self.tune.batch_size
+        return sizes
+
+    def device_mesh(self):
+        """The `jax.sharding.Mesh` named by ``mesh`` (None for None), checked against `batch_sizes`:
+        a ConfigError when a batch size does not divide its ``data`` axis or the sizes do not match
+        the devices."""
+        from spt_jax.tune.mesh import mesh_from_spec
+
+        return mesh_from_spec(self.mesh, self.batch_sizes())
 
 
 def default_of(config_class, name: str):

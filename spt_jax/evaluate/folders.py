@@ -243,3 +243,11 @@ def _move_back(staging: Path, target: Path, names: list[str]) -> None:
     for name in names:
         with contextlib.suppress(OSError):
             os.rename(staging / name, target / name)
+
+
+def writes_results() -> bool:
+    """Whether this process writes output folders: on several JAX processes (multi-host), only
+    process 0 does; the others run the same computation and write nothing."""
+    import jax
+
+    return jax.process_index() == 0

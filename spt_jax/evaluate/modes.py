@@ -88,7 +88,7 @@ class GenerationMode(Mode):
         t0 = time.perf_counter()
         outputs = ctx.backends.generate(ctx.lm, prepared.inputs, soft_prompt=prepared.soft_prompt,
                                         prefix_text=prepared.prefix_text, config=ctx.generation_config,
-                                        progress=ctx.progress)
+                                        progress=ctx.progress, mesh=ctx.mesh)
         if prepared.tuning is not None:
             prepared.tuning["eval_time_s"] = time.perf_counter() - t0
         return ModeRun(inputs=list(prepared.inputs), outputs=list(outputs),
@@ -178,20 +178,36 @@ class FewShot(GenerationMode):
     """k seeded train demonstrations, shared by every item (and KV-cached once)."""
 
     name, label, aliases = "few_shot", "few-shot", ("few-shot", "few")
-    row_fields = ("k",)
+    row_fields = ("k", "fewshot_form")
 
     def check(self, ctx) -> None:
         ctx.task.fewshot_prefix(ctx.config.k, ctx.config.seed)
 
     def prepare(self, ctx) -> Prepared:
+        if ctx.config.fewshot_form == "lm_eval":
+            return self._lm_eval_form(ctx)
         prefix = ctx.task.fewshot_prefix(ctx.config.k, ctx.config.seed)
         inputs = [ctx.task.render_input(r) for r in ctx.records]
         if ctx.chat is not None:  # demonstrations and question in one user turn; the demos stay cached
             prefix, inputs = ctx.chat.head + prefix, [text + ctx.chat.tail for text in inputs]
-        return Prepared(inputs=inputs, prefix_text=prefix, fields={"k": ctx.config.k})
+        return Prepared(inputs=inputs, prefix_text=prefix, fields={"k": ctx.config.k, "fewshot_form": "shared"})
+
+    @staticmethod
+    def _lm_eval_form(ctx) -> Prepared:
+        """lm-eval's k-shot context per item: demos drawn per item, the task's description only."""
+        from spt_jax.tasks.lm_eval_forms import fewshot_context
+
+        task, demos_for = ctx.task, ctx.lm_eval_demos("generation")
+        inputs = []
+        for record in ctx.records:
+            demos = [task.render_input(d) + task.render_target(d) for d in demos_for(record)]
+            inputs.append(ctx.wrap(fewshot_context(task.lm_eval, demos, task.render_input(record))))
+        return Prepared(inputs=inputs, fields={"k": ctx.config.k, "fewshot_form": "lm_eval"})
 
     def label_for(self, row: Mapping) -> str:
-        return f"{row['k']}-shot" if row.get("k") is not None else self.label
+        if row.get("k") is None:
+            return self.label
+        return f"{row['k']}-shot" + (" (lm-eval form)" if row.get("fewshot_form") == "lm_eval" else "")
 
 
 @register_mode
@@ -253,7 +269,7 @@ class LoglikChoice(Mode):
             continuations.append(targets)
             golds.append(gold_index)
         scores = ctx.backends.score(ctx.lm, list(zip(contexts, continuations)), batch_size=ctx.config.batch_size,
-                                    progress=ctx.progress)
+                                    progress=ctx.progress, mesh=ctx.mesh)
         chosen = [int(np.argmax(s)) for s in scores]
         scored = [{"parsed": LETTERS[c], "gold": ctx.task.gold(r), "valid": True,
                    "correct": c == g} for r, c, g in zip(ctx.records, chosen, golds)]
@@ -269,6 +285,7 @@ class _ClozeReference(Mode):
 
     reference = True
     normalized: ClassVar[bool]
+    row_fields = ("k", "fewshot_form")
 
     def applies(self, task, config) -> bool:
         return bool(config.cloze and task.cloze is not None)
@@ -288,13 +305,29 @@ class _ClozeReference(Mode):
             choices = record[ctx.task.cloze.choices_field]
             scored.append({"parsed": choices[pick], "gold": ctx.task.gold(record), "valid": True,
                            "correct": pick == gold})
+        shots = ctx.config.fewshot_form == "lm_eval" and ctx.config.k > 0
         return ModeRun(inputs=[pairs[0][0] for pairs, _ in items],
-                       outputs=[pairs[c][1] for (pairs, _), c in zip(items, chosen)], scored=scored)
+                       outputs=[pairs[c][1] for (pairs, _), c in zip(items, chosen)], scored=scored,
+                       fields={"k": ctx.config.k, "fewshot_form": "lm_eval"} if shots else {})
+
+    def label_for(self, row: Mapping) -> str:
+        if row.get("fewshot_form") == "lm_eval":
+            return self.label.replace("(ref.)", f"{row['k']}-shot, lm-eval form (ref.)")
+        return self.label
 
 
 def _cloze_scores(ctx):
     items = [ctx.task.cloze_pairs(r) for r in ctx.records]
-    scores = ctx.backends.score_items(ctx.lm, [pairs for pairs, _ in items], progress=ctx.progress)
+    if ctx.config.fewshot_form == "lm_eval" and ctx.config.k > 0:  # lm-eval's k-shot CF context
+        from spt_jax.tasks.lm_eval_forms import fewshot_context
+
+        demos_for, task = ctx.lm_eval_demos("cloze"), ctx.task
+        shots = []
+        for record in ctx.records:
+            shots.append([pairs[gold][0] + pairs[gold][1] for pairs, gold in map(task.cloze_pairs, demos_for(record))])
+        items = [([(fewshot_context(task.lm_eval, demos, c), x) for c, x in pairs], gold)
+                 for (pairs, gold), demos in zip(items, shots)]
+    scores = ctx.backends.score_items(ctx.lm, [pairs for pairs, _ in items], progress=ctx.progress, mesh=ctx.mesh)
     return items, scores
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from spt_jax.evaluate import results as res
 from spt_jax.evaluate.config import EvalConfig
-from spt_jax.evaluate.folders import Staging, output_folder
+from spt_jax.evaluate.folders import Staging, output_folder, writes_results
 from spt_jax.evaluate.modes import ModeRun, get_mode, reference_modes, score_outputs
 
 
@@ -119,17 +119,18 @@ class ValidityCurve:
     config: Any  # GenerationConfig
     generate: Callable[..., list[str]]
     wrap: Callable[[str], str] = lambda text: text
+    mesh: Any = None  # where generation runs (a jax.sharding.Mesh), None: one device
 
     @classmethod
-    def for_task(cls, lm, task, config: EvalConfig, backends: Backends) -> ValidityCurve:
+    def for_task(cls, lm, task, config: EvalConfig, backends: Backends, mesh=None) -> ValidityCurve:
         split, records = curve_records(task, config.n_curve, config.seed)
         return cls(lm, task, split, records, generation_config(task, config), backends.generate,
-                   input_wrapper(lm, config))
+                   input_wrapper(lm, config), mesh)
 
     def __call__(self, step: int, prompt) -> dict[str, float]:
         inputs = [self.wrap(self.task.render_input(r)) for r in self.records]
         rows = score_outputs(self.task, self.records, self.generate(self.lm, inputs, soft_prompt=prompt,
-                                                                    config=self.config))
+                                                                    config=self.config, mesh=self.mesh))
         return {"format_validity": float(np.mean([r["valid"] for r in rows])),
                 "accuracy": float(np.mean([r["correct"] for r in rows])), "n": float(len(rows))}
 
@@ -145,9 +146,11 @@ def tune_soft_prompt(lm, task, config: EvalConfig, *, backends: Backends = Backe
     """Tune a soft prompt on the task's train split, tracking format validity on a validation subset.
 
     Returns ``(TuneResult, curve)``; ``curve`` has one ``{"step", "split", "n", "format_validity",
-    "accuracy"}`` point per evaluation (step 0, every ``eval_every`` steps, the end).
+    "accuracy"}`` point per evaluation (step 0, every ``eval_every`` steps, the end). Tuning and the
+    curve's generation run on ``mesh`` (default: ``config.device_mesh()``).
     """
-    curve = ValidityCurve.for_task(lm, task, config, backends) if config.eval_every > 0 else None
+    mesh = mesh if mesh is not None else config.device_mesh()
+    curve = ValidityCurve.for_task(lm, task, config, backends, mesh) if config.eval_every > 0 else None
     tune_config = config.tune.replace(eval_every=config.eval_every) if curve is not None else config.tune
     wrap = input_wrapper(lm, config)
     examples = [(wrap(text), target) for text, target in task.examples("train")]
@@ -192,6 +195,7 @@ class EvalContext:
     progress: bool = False
     saved_prompt: Any = None
     shared: dict = dataclasses.field(default_factory=dict)  # work several modes of this run reuse
+    mesh: Any = None  # the jax.sharding.Mesh generation, scoring and tuning run on (None: one device)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per evaluation (e.g. the cloze scores both CF rows read)."""
@@ -215,6 +219,21 @@ class EvalContext:
     def wrap(self, text: str) -> str:
         return text if self.chat is None else self.chat.wrap(text)
 
+    def lm_eval_demos(self, purpose: str):
+        """``record -> k demonstration records`` drawn as lm-eval draws them (one sampler per purpose,
+        called once per item in item order, so each mode's draws equal lm-eval's)."""
+        from spt_jax.tasks.lm_eval_forms import FewShotSampler
+
+        form = self.task.lm_eval
+
+        def build():
+            split = form.fewshot_split
+            same = self.task.split_names.get(split) == self.task.split_names.get("test")
+            return FewShotSampler(self.task.records(split), form, same_split_as_test=same)
+
+        sampler = self.memo(f"lm_eval_sampler:{purpose}", build)
+        return lambda record: sampler(record, self.config.k)
+
     @property
     def generation_config(self):
         return generation_config(self.task, self.config)
@@ -226,7 +245,7 @@ class EvalContext:
         """Tune a prompt now: ``(prompt, tuning record)``."""
         t0 = time.perf_counter()
         result, curve = tune_soft_prompt(self.lm, self.task, self.config, backends=self.backends,
-                                         progress=self.progress)
+                                         progress=self.progress, mesh=self.mesh)
         return result.prompt, tuning_record(result, curve, time.perf_counter() - t0)
 
 
@@ -264,12 +283,18 @@ def evaluate(
     path, or an open `Staging` from `output_folder`) is refused when it already holds spt_jax outputs
     unless ``overwrite``, and appears only when the run is complete; ``None`` writes nothing. Bad input
     (an empty split, k larger than the train split, a missing field) raises before any model work.
+
+    Generation, scoring and tuning run on ``config.device_mesh()``. On several JAX processes
+    (multi-host) every process calls this with the same arguments and gets the same results; only
+    process 0 writes ``out_dir`` (`writes_results`).
     """
     from spt_jax.tasks import get_task
 
     config = config or EvalConfig()
     task = get_task(task)
     log = log or (lambda message: None)
+    if not writes_results():
+        out_dir = None  # process 0 writes this run's folder
     if out_dir is not None and not isinstance(out_dir, Staging):  # staged: the folder appears only when complete
         with output_folder(out_dir, overwrite) as staging:
             return evaluate(lm, task, config, staging, progress=progress, log=log, backends=backends)
@@ -277,13 +302,14 @@ def evaluate(
     started = time.perf_counter()
 
     check_inputs(task, config)  # bad data fails here, before minutes of model work
+    mesh = config.device_mesh()  # a mesh that does not fit the batch sizes fails here too
     saved_prompt = None
     if "soft_prompt" in config.modes and config.prompt_file is not None:
         from spt_jax.tune import load_prompt
 
         saved_prompt, _ = load_prompt(config.prompt_file, lm)  # a prompt for another model fails now
     ctx = EvalContext(lm=lm, task=task, config=config, items=select_test(task, config.n_test, config.seed),
-                      backends=backends, progress=progress, saved_prompt=saved_prompt)
+                      backends=backends, progress=progress, saved_prompt=saved_prompt, mesh=mesh)
 
     runs: dict[str, ModeRun] = {}
     for mode in modes_to_run(task, config):
@@ -300,21 +326,25 @@ def evaluate(
 
 def tune_outputs(lm, task, config: EvalConfig, out_dir, *, overwrite: bool = False, checkpoint_dir=None,
                  mesh=None, progress: bool = True, backends: Backends = Backends()) -> dict:
-    """Tune only (``spt-jax tune``): write the prompt file, tuning.json and the validity-curve plot."""
+    """Tune only (``spt-jax tune``): write the prompt file, tuning.json and the validity-curve plot.
+
+    ``out_dir`` None (and every process but the first on several JAX processes) writes nothing and
+    only returns the summary."""
     from spt_jax import report
     from spt_jax.tune import save_prompt
 
-    if not isinstance(out_dir, Staging):  # staged: the folder appears only when complete
+    if not writes_results():
+        out_dir = None  # process 0 writes this run's folder
+    if out_dir is not None and not isinstance(out_dir, Staging):  # staged: the folder appears only when complete
         with output_folder(out_dir, overwrite) as staging:
             return tune_outputs(lm, task, config, staging, checkpoint_dir=checkpoint_dir, mesh=mesh,
                                 progress=progress, backends=backends)
-    out = out_dir.path
+    out = out_dir.path if out_dir is not None else None
     check_inputs(task, config.replace(modes=("soft_prompt",), prompt_file=None, loglik=False))
     t0 = time.perf_counter()
     result, curve = tune_soft_prompt(lm, task, config, backends=backends, progress=progress,
                                      checkpoint_dir=checkpoint_dir, mesh=mesh)
     record = tuning_record(result, curve, time.perf_counter() - t0)
-    save_prompt(out / res.PROMPT_FILE, result.prompt, res.prompt_metadata(lm, task, config.seed, record["steps"]))
     summary = {
         "schema_version": res.SCHEMA_VERSION,
         "created": res.now_utc(),
@@ -330,6 +360,9 @@ def tune_outputs(lm, task, config: EvalConfig, out_dir, *, overwrite: bool = Fal
         "tune_time_s": record["tune_time_s"],
         "files": {"prompt": res.PROMPT_FILE, "tuning": res.TUNING_FILE},
     }
+    if out is None:
+        return summary
+    save_prompt(out / res.PROMPT_FILE, result.prompt, res.prompt_metadata(lm, task, config.seed, record["steps"]))
     if curve:
         title = f"{lm.name} on {task.name}: soft-prompt tuning"
         summary["files"]["curve_plot"] = report.plot_tuning_curve(curve, out / report.CURVE_PLOT, title,

@@ -31,13 +31,24 @@ __all__ = [
     "load",
     "positions_from_mask",
     "resolve_dtype",
+    "resolve_dtype_name",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def resolve_dtype_name(dtype: str) -> str:
+    """A dtype setting's name with "auto" resolved by backend: bfloat16 on TPU/GPU, float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def resolve_dtype(dtype) -> jnp.dtype:
     if isinstance(dtype, str):
+        dtype = resolve_dtype_name(dtype)
         if dtype not in _DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
         return _DTYPES[dtype]
@@ -55,7 +66,7 @@ def load(
 
     Args:
       name_or_path: an embedded model name, a checkpoint directory, or a ``.gguf`` file.
-      dtype: compute dtype ("float32" on CPU; "bfloat16" on TPU/GPU).
+      dtype: compute dtype ("float32" on CPU; "bfloat16" on TPU/GPU; "auto" picks by backend).
       param_dtype: storage dtype of the frozen weights (defaults to ``dtype``).
       shardings: maps the abstract parameter state to a matching pytree of shardings, so each
         tensor is placed on its devices as it is loaded (see `spt_jax.tune.mesh.param_shardings`).

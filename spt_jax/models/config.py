@@ -14,6 +14,8 @@ from typing import Literal
 
 import numpy as np
 
+from spt_jax.errors import ConfigError
+
 Norm = Literal["rms", "layer"]
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 Position = Literal["rope", "learned"]
@@ -91,16 +93,23 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"model config {self.model_type!r}: {name}={value!r}; expected an integer >= 1")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            raise ConfigError(
+                f"model config {self.model_type!r}: n_heads={self.n_heads} must be a multiple of "
+                f"n_kv_heads={self.n_kv_heads} (each key/value head serves a whole group of query heads)"
             )
         if self.layer_kinds and len(self.layer_kinds) != self.n_layers:
-            raise ValueError(
-                f"layer_kinds has {len(self.layer_kinds)} entries for {self.n_layers} layers"
+            raise ConfigError(
+                f"model config {self.model_type!r}: layer_kinds has {len(self.layer_kinds)} entries for "
+                f"{self.n_layers} layers"
             )
         if "sliding" in self.layer_kinds and not self.sliding_window:
-            raise ValueError("sliding layers need a sliding_window")
+            raise ConfigError(f"model config {self.model_type!r}: sliding layers need a sliding_window")
 
     @functools.cached_property
     def kinds(self) -> tuple[LayerKind, ...]:

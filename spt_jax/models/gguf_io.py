@@ -61,6 +61,7 @@ _CONTROL_TOKEN = 3  # llama.cpp's token type for control tokens
 # GGUF tensors with no Hugging Face parameter: llama3's rope factors become config fields instead.
 _NON_PARAMETER_TENSORS = frozenset({"rope_freqs.weight"})
 
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 _DEQUANT_CHUNK_ELEMENTS = 1 << 22  # rows are dequantized ~4M values at a time to bound temporaries
 
 
@@ -203,18 +204,91 @@ def read_gguf_header(path) -> GgufHeader:
             raise WeightsError(
                 f"GGUF file {path} is truncated or corrupt: its header cannot be read ({err})"
             ) from err
-    alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    _check_metadata(path, metadata)
+    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     data_start = -(-table_end // alignment) * alignment
     tensors = tuple(_tensor_info(path, data_start, *raw) for raw in raw_tensors)
-    for info in tensors:
+    _check_tensor_table(path, tensors, raw_tensors, alignment, file_size)
+    return GgufHeader(path=path, metadata=metadata, tensors=tensors)
+
+
+# Metadata the loader reads, checked field by field before anything uses it. `{arch}.` keys that
+# count things must be positive integers; the others of a family's `config_keys` numbers.
+_COUNT_KEYS = frozenset({"context_length", "block_count", "feed_forward_length", "embedding_length",
+                         "attention.head_count", "attention.head_count_kv", "vocab_size", "attention.key_length"})
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "unknown_token_id",
+                  "padding_token_id")
+
+
+def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
+    """WeightsError naming the file and the key of the first metadata field of the wrong kind."""
+
+    def bad(key: str, expected: str):
+        value = meta[key]
+        shown = repr(value) if not isinstance(value, list) else f"a list of {len(value)}"
+        return WeightsError(f"GGUF file {path}: metadata {key!r} is {shown} ({type(value).__name__}), "
+                            f"expected {expected}; the file is damaged or was not written by a GGUF converter")
+
+    if "general.architecture" not in meta:
+        raise WeightsError(f"GGUF file {path} has no 'general.architecture' in its metadata")
+    arch = meta["general.architecture"]
+    if not isinstance(arch, str) or not arch:
+        raise bad("general.architecture", "an architecture name (text)")
+    alignment = meta.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not _is_int(alignment) or alignment < 1 or alignment & (alignment - 1):
+        raise bad("general.alignment", "a positive power of two (llama.cpp's default is 32)")
+    if "general.name" in meta and not isinstance(meta["general.name"], str):
+        raise bad("general.name", "text")
+    family = GGUF_ARCHITECTURES.get(arch)
+    for key in family.config_keys if family is not None else ():
+        full = f"{arch}.{key}"
+        if full not in meta:
+            continue
+        if key in _COUNT_KEYS and not (_is_int(meta[full]) and meta[full] >= 1):
+            raise bad(full, "a positive integer")
+        if not _is_number(meta[full]):
+            raise bad(full, "a number")
+    _check_vocabulary(meta, bad)
+
+
+def _check_vocabulary(meta: dict[str, Any], bad) -> None:
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise bad("tokenizer.ggml.tokens", "a list of token texts")
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is not None and not (isinstance(types, list) and all(_is_int(t) for t in types)
+                                  and (tokens is None or len(types) == len(tokens))):
+        raise bad("tokenizer.ggml.token_type", f"a list of {len(tokens or ())} integer token types")
+    for name in _TOKEN_ID_KEYS:
+        key = f"tokenizer.ggml.{name}"
+        if key in meta and not (_is_int(meta[key]) and meta[key] >= 0):
+            raise bad(key, "a token id (an integer >= 0)")
+
+
+def _check_tensor_table(path: Path, tensors, raw_tensors, alignment: int, file_size: int) -> None:
+    seen = set()
+    for info, (_, _, _, relative) in zip(tensors, raw_tensors):
+        if not info.name or info.name in seen:
+            raise WeightsError(f"GGUF file {path}: tensor name {info.name!r} is empty or appears twice")
+        seen.add(info.name)
+        if relative % alignment:
+            raise WeightsError(f"GGUF file {path}: tensor {info.name!r} starts at offset {relative:,}, "
+                               f"not a multiple of the file's alignment {alignment}")
+        if any(d < 1 for d in info.shape):
+            raise WeightsError(f"GGUF file {path}: tensor {info.name!r} has shape {info.shape}")
         if info.offset + info.nbytes > file_size:
             raise WeightsError(
                 f"GGUF file {path} is truncated: tensor {info.name!r} needs bytes up to "
                 f"{info.offset + info.nbytes:,} but the file has {file_size:,}"
             )
-    if "general.architecture" not in metadata:
-        raise WeightsError(f"GGUF file {path} has no 'general.architecture' in its metadata")
-    return GgufHeader(path=path, metadata=metadata, tensors=tensors)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _parse_header(cursor: _HeaderCursor) -> tuple[dict[str, Any], list[tuple], int]:
@@ -230,6 +304,8 @@ def _parse_header(cursor: _HeaderCursor) -> tuple[dict[str, Any], list[tuple], i
     for _ in range(tensor_count):
         name = cursor.string()
         (n_dims,) = cursor.unpack("<I")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise _CorruptHeader(f"tensor {name!r} has {n_dims} dimensions, expected 1 to {_MAX_DIMS}")
         dims = cursor.unpack(f"<{n_dims}Q")
         type_id, offset = cursor.unpack("<IQ")
         raw_tensors.append((name, tuple(reversed(dims)), type_id, offset))

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from spt_jax.errors import ConfigError, WeightsError
+from spt_jax.system import read_text
 from spt_jax.models.families import SUPPORTED_MODEL_TYPES
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -25,9 +26,11 @@ def read_config(directory: Path):
     if not path.is_file():
         raise WeightsError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_text(path, "model config"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
     if "auto_map" in raw:
         raise ConfigError(
             f"{path}: this model needs trust_remote_code (its config has 'auto_map'); spt_jax runs no "
@@ -41,16 +44,25 @@ def read_config(directory: Path):
         )
     import transformers
 
-    return transformers.AutoConfig.from_pretrained(
-        directory, trust_remote_code=False, local_files_only=True
-    )
+    try:
+        return transformers.AutoConfig.from_pretrained(
+            directory, trust_remote_code=False, local_files_only=True
+        )
+    except OSError:
+        raise
+    except Exception as e:  # transformers' config validation raises several unrelated types
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{path}: transformers refuses this config ({reason[:300]})") from None
 
 
 def safetensors_files(directory: Path) -> list[Path]:
     """The checkpoint's safetensors files (sharded through its index, or single)."""
     index = directory / _INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(read_text(index, "safetensors index")).get("weight_map", {})
+        except (json.JSONDecodeError, AttributeError):
+            raise WeightsError(f"{index}: not a JSON object with a 'weight_map'") from None
         files = [directory / name for name in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -63,8 +75,9 @@ def safetensors_files(directory: Path) -> list[Path]:
     if pickles:
         raise WeightsError(
             f"{directory}: only pickle checkpoints found ({', '.join(pickles)}); spt_jax loads "
-            "safetensors only. Convert once with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            "safetensors only, because loading a pickle runs whatever code it contains. Get the "
+            "checkpoint's safetensors files (model.safetensors) from where it was published; converting "
+            "the pickle yourself loads it, so do that only for a file from a source you trust"
         )
     raise WeightsError(f"{directory}: no *.safetensors weight files found")
 

@@ -33,7 +33,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from spt_jax.errors import DataError, MissingPackageError, SptError, close_names
-from spt_jax.tasks.task import LETTERS, AnswerSpec, FormatSpec, Task
+from spt_jax.tasks import lm_eval_forms as forms
+from spt_jax.tasks.task import LETTERS, AnswerSpec, ClozeSpec, FewShotForm, FormatSpec, Task
 
 try:
     import tensorflow_datasets as tfds
@@ -301,10 +302,12 @@ def _mc_format(n_choices: int) -> FormatSpec:
 
 
 def multiple_choice_task(name: str, source, *, question_prefix: str, n_choices: int, instruction: str,
-                         split_names: Mapping[str, str], description: str) -> Task:
-    """A letter-answer multiple-choice task: '<prefix><question>\\nA. ...\\nB. ...\\nAnswer:' -> ' B'."""
+                         split_names: Mapping[str, str], description: str, cloze: ClozeSpec,
+                         lm_eval: FewShotForm = FewShotForm()) -> Task:
+    """A letter-answer multiple-choice task: '<prefix><question>\\nA. ...\\nB. ...\\nAnswer:' -> ' B',
+    with lm-eval's cloze form of the benchmark for the CF references."""
     return Task(
-        name=name, source=source,
+        name=name, source=source, cloze=cloze, lm_eval=lm_eval,
         input_template=question_prefix + "{question}\n{choices_text}\nAnswer:",
         target_template=" {answer}",
         format=_mc_format(n_choices),
@@ -325,7 +328,7 @@ def _mc_instruction(topic: str) -> str:
 def _arc_task(name, source, split_names, description):
     return multiple_choice_task(name, source, question_prefix="Question: ", n_choices=5,
                                 instruction=_mc_instruction("science"), split_names=split_names,
-                                description=description)
+                                description=description, cloze=forms.QUESTION_ANSWER)
 
 
 def _gsm8k_task(name, source, split_names, description):
@@ -379,25 +382,25 @@ def _triviaqa_task(name, source, split_names, description):
 def _hellaswag_task(name, source, split_names, description):
     return multiple_choice_task(name, source, question_prefix="", n_choices=4,
                                 instruction=_mc_instruction("how a described situation continues"),
-                                split_names=split_names, description=description)
+                                split_names=split_names, description=description, cloze=forms.BARE_QUESTION)
 
 
 def _piqa_task(name, source, split_names, description):
     return multiple_choice_task(name, source, question_prefix="Question: ", n_choices=2,
                                 instruction=_mc_instruction("physical commonsense"),
-                                split_names=split_names, description=description)
+                                split_names=split_names, description=description, cloze=forms.QUESTION_ANSWER)
 
 
 def _winogrande_task(name, source, split_names, description):
     return multiple_choice_task(name, source, question_prefix="", n_choices=2,
                                 instruction=_mc_instruction("which option fills the blank (_) in a sentence"),
-                                split_names=split_names, description=description)
+                                split_names=split_names, description=description, cloze=forms.WINOGRANDE)
 
 
 def _openbookqa_task(name, source, split_names, description):
     return multiple_choice_task(name, source, question_prefix="", n_choices=4,
                                 instruction=_mc_instruction("elementary science"),
-                                split_names=split_names, description=description)
+                                split_names=split_names, description=description, cloze=forms.BARE_QUESTION)
 
 
 def _mmlu_task(name, source, split_names, description, subject: str | None = None):
@@ -405,7 +408,8 @@ def _mmlu_task(name, source, split_names, description, subject: str | None = Non
     instruction = (_mc_instruction(mmlu_builder.mmlu_subject_title(subject)) if subject
                    else "The following are multiple choice questions (with answers).")
     return multiple_choice_task(name, source, question_prefix="", n_choices=4, instruction=instruction,
-                                split_names=split_names, description=description)
+                                split_names=split_names, description=description, cloze=forms.QUESTION_ANSWER,
+                                lm_eval=FewShotForm(description=instruction + "\n\n", sampler="first_n"))
 
 
 _TEST_IS_VALIDATION = "test = the validation split, which lm-eval reports (the test labels are not public)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spt_jax.errors import ConfigError, DataError, SptError, close_names
+from spt_jax.system import decode_lines, decode_text, read_text
 from spt_jax.tasks.task import AnswerSpec, FormatSpec, Task
 
 FieldMap = Mapping[str, "str | Sequence[str]"]
@@ -112,18 +114,18 @@ class JsonlSource:
     def load(self, split: str) -> list[dict]:
         path = _path_for(self.paths, split)
         records = []
-        with _open(path, split) as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(raw, dict):
-                    raise DataError(f"{path}, line {line_no}: expected a JSON object per line, "
-                                    f"got {type(raw).__name__}")
-                records.append(apply_field_map(raw, self.fields, where=f"{path}, line {line_no}"))
+        # decoded line by line, so a byte that is not UTF-8 is reported with its line and offset
+        for line_no, line in decode_lines(path, _read_bytes(path, split), "data file"):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(raw, dict):
+                raise DataError(f"{path}, line {line_no}: expected a JSON object per line, "
+                                f"got {type(raw).__name__}")
+            records.append(apply_field_map(raw, self.fields, where=f"{path}, line {line_no}"))
         return records
 
 
@@ -149,7 +151,7 @@ class CsvSource:
         path = _path_for(self.paths, split)
         delimiter = self.delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
         records = []
-        with _open(path, split, encoding="utf-8-sig", newline="") as f:
+        with io.StringIO(decode_text(path, _read_bytes(path, split), "data file"), newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             if not reader.fieldnames:
                 raise DataError(f"{path}: no header row (the first line must name the columns)")
@@ -174,10 +176,9 @@ def _path_for(paths: Mapping[str, Path], split: str) -> Path:
     return paths[split]
 
 
-def _open(path: Path, split: str, **kwargs):
-    kwargs.setdefault("encoding", "utf-8")
+def _read_bytes(path: Path, split: str) -> bytes:
     try:
-        return open(path, **kwargs)
+        return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"data file {path} for split {split!r} does not exist") from None
     except OSError as e:
@@ -359,7 +360,7 @@ def read_mapping_file(path: str | os.PathLike, what: str = "task file") -> dict:
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
         raise ConfigError(f"{what} {path} must end in .yaml, .yml or .json")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, what)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as e:

@@ -335,6 +335,23 @@ class ClozeSpec:
     pairs: Callable[[Mapping], list[tuple[str, str]]] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class FewShotForm:
+    """lm-evaluation-harness's k-shot settings of a task (`spt_jax.tasks.lm_eval_forms`): its
+    description (MMLU's subject sentence, ending in its own blank line), its sampler ("default":
+    seeded random per item; "first_n"), the split demonstrations come from, the demo delimiter. The
+    target delimiter is part of each task's target and continuation templates (" {answer}")."""
+
+    description: str = ""
+    sampler: Literal["default", "first_n"] = "default"
+    fewshot_split: str = "train"
+    fewshot_delimiter: str = "\n\n"
+
+    def __post_init__(self):
+        if self.sampler not in ("default", "first_n"):
+            raise ConfigError(f"few-shot sampler must be 'default' or 'first_n', got {self.sampler!r}")
+
+
 class Record(dict):
     """A task record: a plain dict of its fields, plus a read-only ``label`` saying where it came from.
 
@@ -384,6 +401,7 @@ class Task:
     split_names: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(_DEFAULT_SPLIT_NAMES))
     description: str = ""
     cloze: ClozeSpec | None = None  # how the format-free cloze reference reads this task (None: no CF)
+    lm_eval: FewShotForm = FewShotForm()  # lm-eval's k-shot form of this task
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -449,11 +467,22 @@ class Task:
         return [Record(record, _record_label(record, f"{split}[{i}]")) for i, record in enumerate(loaded)]
 
     def _checked(self, record: Record) -> Record:
-        """``record`` after checking that it renders (DataError naming it if not)."""
+        """``record`` after checking that it renders and that its own target is judged a correct
+        answer (DataError naming it if not: a task its format rejects could never score)."""
         self.render_input(record)
-        self.render_target(record)
         self.answer.aliases(record, where=self._describe(record))
+        self._check_target_scores(record)
         return record
+
+    def _check_target_scores(self, record: Record) -> None:
+        target = self.render_target(record)
+        parsed, correct = self.score(target, record)
+        if not correct:
+            why = "does not match" if not parsed.valid else f"parses as {parsed.answer!r}, not the gold {self.gold(record)!r}, under"
+            raise DataError(
+                f"{self._describe(record)}: its target {target!r} (target_template {self.target_template!r}) "
+                f"{why} the task's format (pattern {self.format.pattern!r}, {self.format.mode}); fix "
+                "target_template or format.pattern so that every gold target is a valid, correct answer")
 
     def _describe(self, record: Mapping) -> str:
         label = record.label if isinstance(record, Record) else _record_label(record, None)

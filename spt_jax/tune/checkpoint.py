@@ -4,11 +4,21 @@ and evaluations so far (so a resumed run reports the same evaluations as an unin
 Never the frozen weights: a checkpoint is a few kilobytes whatever the model size. Orbax writes each
 step to a temporary directory and renames it when complete (atomic), and in a multi-host run the
 primary host writes replicated arrays and the JSON once. If the newest step cannot be read, the
-previous one is used with a warning.
+previous one is used with a warning; nothing here ever deletes a checkpoint it could not read.
+
+A directory is held under an OS-level lock (`spt_jax.system.FolderLock`) while a manager is open, so
+a second run resuming into it is refused instead of racing the first. Orbax reports a full disk or a
+read-only folder from its background threads as logged tracebacks and a ValueError carrying the
+errno; here that becomes one `EnvironmentFault` naming the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -16,9 +26,48 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from spt_jax.errors import DataError
+from spt_jax.errors import DataError, environment_fault
+from spt_jax.system import FolderLock
 
 STATE, META = "state", "meta"
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_OS_ERROR_TEXT = {os.strerror(code): code for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                         errno.EPERM, errno.ENOTDIR, errno.EIO)}
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind an Orbax/TensorStore error, which wrap it in a ValueError with the errno."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        text = str(err)
+        match = _OS_ERROR_CODE.search(text)
+        code = int(match.group(1)) if match else next((c for t, c in _OS_ERROR_TEXT.items() if t in text), None)
+        if code is not None:
+            return OSError(code, os.strerror(code))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _os_faults(doing: str, directory: Path, hint=lambda: ""):
+    """Re-raise an operating-system refusal inside Orbax as one `EnvironmentFault` line (``hint()``
+    says what is still intact)."""
+    try:
+        yield
+    except Exception as e:
+        os_error = _os_error(e)
+        if os_error is None:
+            raise
+        raise environment_fault(os_error, doing, directory, hint=hint()) from None
+
+
+class _OrbaxThreadTracebacks(logging.Filter):
+    """Drops the tracebacks Orbax logs when a background write fails: the same error reaches the
+    caller (at the next save or at close) and is reported there, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 class TuneCheckpoints:
@@ -26,62 +75,101 @@ class TuneCheckpoints:
 
     def __init__(self, directory, keep: int = 3):
         self.directory = Path(directory).expanduser().absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=(STATE, META),
-        )
+        if self.directory.exists() and not self.directory.is_dir():
+            raise DataError(f"checkpoint directory {self.directory} is a file; name a directory")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise environment_fault(e, "cannot create the checkpoint directory", self.directory) from None
+        self.lock = FolderLock(self.directory, what="checkpoint directory",
+                               hint="choose another --checkpoint-dir (checkpoint_dir)").acquire()
+        self._quiet = _OrbaxThreadTracebacks()
+        logging.getLogger("absl").addFilter(self._quiet)
+        try:
+            with _os_faults("cannot open the checkpoint directory", self.directory):
+                self.manager = ocp.CheckpointManager(
+                    self.directory,
+                    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+                    item_names=(STATE, META),
+                )
+        except BaseException:
+            self._release()
+            raise
 
     def save(self, step: int, prompt, opt_state, meta: dict) -> None:
         """Start writing step ``step`` (asynchronously; `close` waits for it)."""
         # Copies: the train step donates prompt and opt_state, and the write may still be running.
         state = jax.tree.map(jnp.copy, {"prompt": prompt, "opt_state": opt_state})
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
-        )
+        with _os_faults("cannot write a checkpoint into", self.directory, self._kept):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
+            )
+
+    def _kept(self) -> str:
+        steps = self.steps()
+        return f"the finished checkpoints (steps {', '.join(map(str, steps))}) are intact" if steps else ""
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state) -> tuple[int, dict, dict] | None:
+    def restore_latest(self, abstract_state, check=None) -> tuple[int, dict, dict] | None:
         """``(step, {prompt, opt_state}, meta)`` of the newest readable step, or None when empty.
 
         ``abstract_state`` is ``{prompt, opt_state}`` of `jax.ShapeDtypeStruct` with shardings.
+        ``check(meta)`` runs on a step's JSON before its arrays are read, so a checkpoint made for
+        another model or other settings is refused as such (not as an unreadable one).
         """
-        steps = self.steps()
         failures = []
-        for step in reversed(steps):
+        for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
-                    ),
-                )
+                meta = self._restore(step, **{META: ocp.args.JsonRestore()})[META]
             except Exception as e:  # Orbax/TensorStore raise many types for a damaged step
-                failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                warnings.warn(
-                    f"{self.directory}: checkpoint step {step} is unreadable ({failures[-1]}); "
-                    "trying the previous one",
-                    stacklevel=2,
-                )
+                failures.append(_failure(step, e))
                 continue
-            return step, restored[STATE], restored[META]
+            if check is not None:
+                check(meta)
+            try:
+                state = self._restore(step, **{STATE: ocp.args.StandardRestore(abstract_state)})[STATE]
+            except Exception as e:
+                failures.append(_failure(step, e))
+                continue
+            if failures:
+                warnings.warn(f"{self.directory}: newer checkpoints are unreadable ({'; '.join(failures)}); "
+                              f"resuming from step {step}", stacklevel=2)
+            return step, state, meta
         if failures:
             raise DataError(
-                f"{self.directory}: no readable checkpoint ({'; '.join(failures)}); remove the "
-                "directory to start over"
+                f"{self.directory}: no checkpoint in it can be read ({'; '.join(failures)}); nothing was "
+                "deleted. To start over, point --checkpoint-dir (checkpoint_dir) at a new directory"
             )
         return None
 
+    def _restore(self, step: int, **items):
+        return self.manager.restore(step, args=ocp.args.Composite(**items))
+
     def close(self) -> None:
-        """Wait for pending writes and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending writes, release the manager and the directory's lock."""
+        try:
+            with _os_faults("cannot finish writing a checkpoint into", self.directory, self._kept):
+                try:
+                    self.manager.wait_until_finished()
+                finally:
+                    self.manager.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        logging.getLogger("absl").removeFilter(self._quiet)
+        self.lock.release()
 
     def __enter__(self) -> TuneCheckpoints:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _failure(step: int, err: Exception) -> str:
+    return f"step {step}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from spt_jax.errors import ConfigError, SptError
+from spt_jax.system import check_interrupted
 from spt_jax.tune.checkpoint import TuneCheckpoints
 from spt_jax.tune.config import RESUMABLE_CHANGES, TuneConfig
 from spt_jax.tune.data import DataOrder, ExampleEncoder, as_pairs, tuning_layout
@@ -150,6 +151,7 @@ def tune(
         run.saturated_at = _saturated(run.evaluations, config)  # a resumed run may have stopped already
         with _progress_bar(config.steps, run.step, progress) as bar:
             while run.step < config.steps and run.saturated_at is None:
+                check_interrupted()  # a Ctrl-C some callback swallowed still stops here
                 step = run.step + 1
                 host_batch = encoder.batch(run.order.take(config.batch_size))
                 record = _train_one_step(run, train_step, params, global_batch(host_batch, mesh), step)
@@ -275,11 +277,10 @@ def _resume(run: _Run, checkpoints: TuneCheckpoints, config: TuneConfig, model_m
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
         {"prompt": run.prompt, "opt_state": run.opt_state},
     )
-    restored = checkpoints.restore_latest(abstract)
+    restored = checkpoints.restore_latest(abstract, check=_resume_check(config, model_meta, checkpoints.directory))
     if restored is None:
         return
     step, state, meta = restored
-    _check_resumable(meta, config, model_meta, checkpoints.directory)
     if step > config.steps:
         raise ConfigError(
             f"{checkpoints.directory}: the newest checkpoint is step {step}, past "
@@ -290,6 +291,20 @@ def _resume(run: _Run, checkpoints: TuneCheckpoints, config: TuneConfig, model_m
     run.history = list(meta["history"])
     run.evaluations = [Evaluation.from_dict(e) for e in meta.get("evaluations", [])]
     run.step = run.resumed_from = run.last_saved = step
+
+
+def _resume_check(config: TuneConfig, model_meta: dict, directory):
+    """The check a checkpoint's JSON passes before its arrays are read (`restore_latest`): one made for
+    another model or other settings is refused as exactly that, and nothing is deleted."""
+
+    def check(meta) -> None:
+        needed = {"config", "model", "data_state", "history"}
+        if not isinstance(meta, Mapping) or not needed <= set(meta):
+            raise ConfigError(f"{directory}: its checkpoints were not written by spt_jax.tune (their metadata "
+                              f"lacks {', '.join(sorted(needed - set(meta or ())))}); use a new checkpoint_dir")
+        _check_resumable(meta, config, model_meta, directory)
+
+    return check
 
 
 def _evaluate(evaluator: PromptEvaluator, step: int, prompt) -> Evaluation:
@@ -325,9 +340,12 @@ def _check_resumable(meta: dict, config: TuneConfig, model_meta: dict, directory
             f"{', '.join(sorted(RESUMABLE_CHANGES))} may change) or use a new checkpoint_dir"
         )
     if meta["model"] != model_meta:
+        saved_model = meta["model"] if isinstance(meta["model"], Mapping) else {}
+        differ = ", ".join(f"{k} {saved_model.get(k)!r} there, {v!r} here" for k, v in model_meta.items()
+                           if saved_model.get(k) != v)
         raise ConfigError(
-            f"{directory}: the checkpoint was made for model {meta['model'].get('model')!r}, "
-            f"not {model_meta['model']!r}; use a new checkpoint_dir"
+            f"{directory}: the checkpoint was made for another model ({differ}); it is kept as it is: "
+            "resume with that model, or use a new checkpoint_dir (--checkpoint-dir)"
         )
 
 

@@ -204,6 +204,15 @@ def param_shardings(state, mesh: Mesh, config: ModelConfig | None = None):
     )
 
 
+def loading_shardings(mesh: Mesh | None):
+    """The ``shardings=`` argument of `spt_jax.models.load` that streams the weights onto ``mesh``
+    (each process loads only its devices' shards), or None without a mesh or on one device."""
+    if mesh is None or mesh.size == 1:
+        return None
+    mesh = as_mesh(mesh)
+    return lambda state: param_shardings(state, mesh)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from spt_jax.errors import ConfigError, DataError
+from spt_jax.errors import ConfigError, DataError, environment_fault
 from spt_jax.sequence import encode
 from spt_jax.tune.config import TuneConfig
 
@@ -162,6 +162,11 @@ def load_prompt(path, lm=None, *, check_model: bool = True) -> tuple[jax.Array, 
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        inside = path / "soft_prompt.safetensors"
+        raise ConfigError(f"{path} is a folder, not a prompt file; "
+                          + (f"pass the prompt file in it: {inside}" if inside.is_file() else
+                             "pass a .safetensors file written by 'spt-jax tune' or 'spt-jax run'"))
     if not path.is_file():
         raise ConfigError(f"{path}: no such prompt file")
     try:
@@ -172,13 +177,14 @@ def load_prompt(path, lm=None, *, check_model: bool = True) -> tuple[jax.Array, 
             array = f.get_tensor("prompt")
     except ConfigError:
         raise
+    except OSError as e:
+        raise environment_fault(e, "cannot read the prompt file", path) from None
     except Exception as e:  # safetensors' own error types for corrupt headers
         raise DataError(f"{path}: cannot read prompt file ({e})") from None
     if header.get("format") != PROMPT_FORMAT:
         raise ConfigError(f"{path}: format {header.get('format')!r}, expected {PROMPT_FORMAT!r}")
-    metadata = json.loads(header.get("spt_jax", "{}"))
-    if array.ndim != 2:
-        raise ConfigError(f"{path}: prompt has shape {array.shape}, expected [P, D]")
+    metadata = _prompt_metadata(path, header.get("spt_jax", "{}"))
+    _check_prompt_array(path, array)
     if lm is not None:
         want, got = model_id(lm), metadata.get("model")
         if array.shape[1] != lm.config.d_model:
@@ -192,3 +198,29 @@ def load_prompt(path, lm=None, *, check_model: bool = True) -> tuple[jax.Array, 
                 "between models (pass check_model=False if this is the same model under another name)"
             )
     return jnp.asarray(array.astype(np.float32)), metadata
+
+
+def _prompt_metadata(path: Path, text: str) -> dict:
+    """The JSON metadata of a prompt file; DataError naming the file when it is not a JSON object."""
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: its 'spt_jax' metadata is not valid JSON ({e.msg} at character {e.pos}); "
+                        "the file is damaged: tune the prompt again") from None
+    if not isinstance(metadata, dict):
+        raise DataError(f"{path}: its 'spt_jax' metadata is a {type(metadata).__name__}, expected a JSON object")
+    return metadata
+
+
+def _check_prompt_array(path: Path, array: np.ndarray) -> None:
+    """A prompt is a non-empty ``[P, D]`` float array of finite values (a NaN prompt generates nothing)."""
+    if array.ndim != 2 or 0 in array.shape:
+        raise ConfigError(f"{path}: prompt has shape {array.shape}, expected [P, D] with P, D >= 1")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ConfigError(f"{path}: prompt has dtype {array.dtype}, expected floating point")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} of the prompt's {array.size} values are NaN or infinite "
+                        f"(first at vector {int(np.argwhere(bad)[0][0])}); the tuning that wrote it diverged: "
+                        "tune again with a lower learning rate")
+
