@@ -113,6 +113,7 @@ _EVAL_FLAGS = {
     "k": (_non_negative_int, "few-shot demonstrations"),
     "batch_size": (_positive_int, "generation batch size"),
     "max_new_tokens": (_positive_int, "generation budget (default: the task's)"),
+    "seeds": (_positive_int, "independently tuned soft prompts (init and data order); reports mean, range, each"),
 }
 _CURVE_FLAGS = {
     "eval_every": (_non_negative_int, "tuning steps between validation checks of the validity curve; 0: none"),
@@ -355,7 +356,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", log=None, shardings
 
 def _evaluate_command(args, config, label_mode: str) -> int:
     from spt_jax.evaluate import check_inputs, evaluate
-    from spt_jax.report import headline_lines, results_table
+    from spt_jax.report import headline_lines, results_table, seeds_table
     from spt_jax.tasks import get_task
 
     log = _log(args)
@@ -372,6 +373,8 @@ def _evaluate_command(args, config, label_mode: str) -> int:
     form = ", chat template" if results["config"].get("chat_template") else ""
     print(f"\n{results['model']['name']} on {task.name} ({results['n']} test items{form})\n")
     print(results_table(results))
+    if results.get("seeds"):
+        print(seeds_table(results))
     for line in headline_lines(results):
         print(line)
     print(f"results: {out.target}")

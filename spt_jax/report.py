@@ -103,6 +103,27 @@ def headline_lines(results: Mapping) -> list[str]:
     return lines
 
 
+def seeds_table(results: Mapping) -> str:
+    """One row per independently tuned prompt, then the mean and range over seeds."""
+    block = results.get("seeds")
+    if not block:
+        return ""
+    shown = [m for m in METRICS if m.shown]
+    rows = []
+    for entry in block["per_seed"]:
+        test = entry.get("vs_zero_shot")
+        rows.append([str(entry["tune_seed"]), str(entry.get("tuning_steps")),
+                     *[fmt_estimate(entry[m.name]) for m in shown],
+                     f"{test['p_value']:.3g}" if test else ""])
+    summary = []
+    for m in shown:
+        s = block[m.name]
+        summary.append(f"{s['mean']:.3f} [{s['min']:.2f}, {s['max']:.2f}]" if _is_number(s["mean"]) else "n/a")
+    rows.append([f"mean [min, max] of {block['n_seeds']}", "", *summary, ""])
+    header = ["tune seed", "steps", *[m.label for m in shown], "McNemar p vs zero-shot (accuracy)"]
+    return _table(header, rows)
+
+
 def curve_table(curve: Sequence[Mapping]) -> str:
     if not curve:
         return ""
@@ -120,6 +141,9 @@ def results_markdown(results: Mapping) -> str:
     headline = headline_lines(results)
     if headline:
         parts.append("\n" + "\n".join(f"- {line}" for line in headline) + "\n")
+    seeds = seeds_table(results)
+    if seeds:
+        parts += [f"\n## {results['seeds']['n_seeds']} independently tuned soft prompts\n\n", seeds]
     comparisons = comparisons_table(results)
     if comparisons:
         parts += ["\n## Paired comparisons (same items, McNemar)\n\n", comparisons]
@@ -271,6 +295,7 @@ __all__ = [
     "comparisons_table",
     "curve_table",
     "headline_lines",
+    "seeds_table",
     "fmt_estimate",
     "plot_metrics_by_mode",
     "plot_tuning_curve",

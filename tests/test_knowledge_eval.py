@@ -236,3 +236,32 @@ def test_chat_template_on_a_model_without_one_is_a_clear_error(tmp_path):
     config = ev.EvalConfig(modes=("zero_shot",), n_test=2, loglik=False, eval_every=0, chat_template=True)
     with pytest.raises(ConfigError, match="has no chat template"):
         ev.evaluate(make_tiny_lm(), toy_task(), config, None, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# seeds
+
+
+def test_seeds_tune_independent_prompts_and_report_each_and_their_spread(tmp_path):
+    prompts = []
+
+    def generate(lm, texts, *, soft_prompt=None, **_):
+        if soft_prompt is not None:
+            prompts.append(np.asarray(soft_prompt))
+        return ["A: 1"] * len(texts)
+
+    tune = ev.EvalConfig().tune.replace(steps=1, batch_size=2, prompt_length=2, seed=5)
+    config = ev.EvalConfig(modes=("zero_shot", "soft_prompt"), n_test=4, loglik=False, eval_every=0, seeds=3,
+                           tune=tune)
+    results = ev.evaluate(make_tiny_lm(), toy_task(), config, tmp_path, progress=False,
+                          backends=ev.Backends(generate=generate))
+    block = results["seeds"]
+    assert block["n_seeds"] == 3 and [e["tune_seed"] for e in block["per_seed"]] == [5, 6, 7]
+    assert all("vs_zero_shot" in e for e in block["per_seed"])
+    assert len(prompts) == 3 and not np.allclose(prompts[0], prompts[1]) and not np.allclose(prompts[1], prompts[2])
+    values = [e["accuracy"]["value"] for e in block["per_seed"]]
+    assert block["accuracy"] == {"mean": pytest.approx(np.mean(values)), "min": min(values), "max": max(values)}
+    assert [r["mode"] for r in results["results"]] == ["zero_shot", "soft_prompt"]  # the first seed's row
+    assert "mean [min, max] of 3" in report.seeds_table(results)
+    assert ev.evaluate(make_tiny_lm(), toy_task(), config.replace(seeds=1), None, progress=False,
+                       backends=ev.Backends(generate=generate))["seeds"] is None

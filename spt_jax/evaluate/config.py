@@ -57,6 +57,7 @@ class EvalConfig:
     # "lm_eval": lm-eval's own k-shot context per item (its sampler, no invented instruction), also
     # given to the CF references, so numbers compare with published lm-eval ones
     fewshot_form: str = "shared"
+    seeds: int = 1  # independently tuned soft prompts (init and data order from tune.seed + i)
     chat_template: bool = False  # wrap every input in the model's chat template (post-trained models)
     cloze: bool = True  # the CF references (each choice's text as the continuation) where the task has a cloze form
     max_new_tokens: int | None = None  # None: the task's own budget
@@ -82,6 +83,7 @@ class EvalConfig:
         _check_int("eval_every", self.eval_every, minimum=0)
         _check_int("n_curve", self.n_curve, minimum=1)
         _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("seeds", self.seeds, minimum=1)
         if self.max_new_tokens is not None:
             _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         if self.fewshot_form not in FEWSHOT_FORMS:

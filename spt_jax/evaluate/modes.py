@@ -33,6 +33,7 @@ class ModeRun:
     tuning: dict | None = None  # how the soft prompt was obtained, for results["tuning"]
     soft_prompt: Any = None  # a prompt tuned in this run, written to the results folder
     wall_time_s: float = 0.0
+    seed_runs: list = dataclasses.field(default_factory=list)  # further independently tuned prompts
 
 
 class Mode(abc.ABC):
@@ -223,13 +224,24 @@ class SoftPrompt(GenerationMode):
             if ctx.config.eval_every > 0:
                 ctx.curve_records()
 
+    def run(self, ctx) -> ModeRun:
+        """The first prompt's run; with ``config.seeds > 1`` the other seeds' runs ride along."""
+        first = super().run(ctx)
+        if ctx.saved_prompt is None:
+            for offset in range(1, ctx.config.seeds):
+                ctx.seed_offset = offset
+                first.seed_runs.append(super().run(ctx))
+            ctx.seed_offset = 0
+        return first
+
     def prepare(self, ctx) -> Prepared:
         if ctx.saved_prompt is not None:
             tuning = {"source": str(ctx.config.prompt_file), "steps": None, "curve": [], "history": [],
                       "tune_time_s": 0.0}
             prompt, tuned = ctx.saved_prompt, False
         else:
-            prompt, tuning = ctx.tune_prompt()
+            prompt, tuning = ctx.tune_prompt(ctx.seed_offset)
+            tuning["tune_seed"] = ctx.config.tune.seed + ctx.seed_offset
             tuned = True
         return Prepared(inputs=[ctx.wrap(ctx.task.render_input(r)) for r in ctx.records], soft_prompt=prompt,
                         fields={"tuning_steps": tuning["steps"]}, tuning=tuning, tuned=tuned)

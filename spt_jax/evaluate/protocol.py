@@ -195,6 +195,7 @@ class EvalContext:
     progress: bool = False
     saved_prompt: Any = None
     shared: dict = dataclasses.field(default_factory=dict)  # work several modes of this run reuse
+    seed_offset: int = 0  # which of config.seeds prompts the soft-prompt mode is tuning
     mesh: Any = None  # the jax.sharding.Mesh generation, scoring and tuning run on (None: one device)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -241,10 +242,13 @@ class EvalContext:
     def curve_records(self):
         return curve_records(self.task, self.config.n_curve, self.config.seed)
 
-    def tune_prompt(self):
-        """Tune a prompt now: ``(prompt, tuning record)``."""
+    def tune_prompt(self, seed_offset: int = 0):
+        """Tune a prompt now (with ``tune.seed + seed_offset``): ``(prompt, tuning record)``."""
         t0 = time.perf_counter()
-        result, curve = tune_soft_prompt(self.lm, self.task, self.config, backends=self.backends,
+        config = self.config
+        if seed_offset:
+            config = config.replace(tune=config.tune.replace(seed=config.tune.seed + seed_offset))
+        result, curve = tune_soft_prompt(self.lm, self.task, config, backends=self.backends,
                                          progress=self.progress, mesh=self.mesh)
         return result.prompt, tuning_record(result, curve, time.perf_counter() - t0)
 

@@ -174,6 +174,33 @@ def paired_comparisons(runs: Mapping[str, ModeRun]) -> list[dict]:
     return out
 
 
+def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
+    """Every independently tuned prompt's metrics, their mean and range, and each seed's paired test
+    against zero-shot (``config.seeds > 1``); None with one seed."""
+    mode = next((m for m, run in runs.items() if run.seed_runs), None)
+    if mode is None:
+        return None
+    baseline = runs.get("zero_shot")
+    per_seed = []
+    for run in [runs[mode], *runs[mode].seed_runs]:
+        valid = np.array([r["valid"] for r in run.scored], bool)
+        correct = np.array([r["correct"] for r in run.scored], bool)
+        entry = {"tune_seed": run.tuning.get("tune_seed"), "tuning_steps": run.tuning.get("steps"),
+                 "saturated_at_step": (run.tuning.get("metadata") or {}).get("saturated_at_step"),
+                 **metrics.summarize(valid, correct, confidence=config.confidence, seed=config.seed)}
+        if baseline is not None:
+            hits = [r["correct"] and r["valid"] for r in run.scored]
+            entry["vs_zero_shot"] = metrics.mcnemar([r["correct"] and r["valid"] for r in baseline.scored], hits)
+        per_seed.append(entry)
+    spread = {}
+    for m in metrics.METRICS:
+        values = [e[m.name]["value"] for e in per_seed if e[m.name]["value"] is not None
+                  and math.isfinite(e[m.name]["value"])]
+        spread[m.name] = ({"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
+                          if values else {"mean": None, "min": None, "max": None})
+    return {"mode": mode, "n_seeds": len(per_seed), "per_seed": per_seed, **spread}
+
+
 def assemble(lm, task, config, items, runs: Mapping[str, ModeRun], wall_time: float) -> dict:
     """The content of results.json (docs/results_schema.md)."""
     model = model_info(lm)
@@ -192,6 +219,7 @@ def assemble(lm, task, config, items, runs: Mapping[str, ModeRun], wall_time: fl
         "results": result_rows(model["name"], task, config, runs),
         "comparisons": paired_comparisons(runs),
         "tuning": tuning,
+        "seeds": seeds_summary(runs, config),
         "wall_time_s": wall_time,
         "files": {},
     }
