@@ -265,3 +265,23 @@ def test_seeds_tune_independent_prompts_and_report_each_and_their_spread(tmp_pat
     assert "mean [min, max] of 3" in report.seeds_table(results)
     assert ev.evaluate(make_tiny_lm(), toy_task(), config.replace(seeds=1), None, progress=False,
                        backends=ev.Backends(generate=generate))["seeds"] is None
+
+
+def test_task_files_declare_cloze_and_lm_eval_forms(tmp_path):
+    import json
+
+    from spt_jax.tasks.files import task_from_dict
+
+    for split, rows in {"train": [{"q": "2+2", "choices": ["3", "4"], "answer": "4"}],
+                        "test": [{"q": "1+1", "choices": ["2", "5"], "answer": "2"}]}.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"name": "tiny_cf", "source": {"type": "jsonl", "paths": {"train": "train.jsonl", "test": "test.jsonl"}},
+            "input_template": "Q: {q}\n", "target_template": "A: {answer}",
+            "format": {"pattern": "A: (?P<answer>\\d+)"}, "answer": {"kind": "string"},
+            "cloze": {"context_template": "Q: {q}\nA:"}, "lm_eval": {"sampler": "first_n"}}
+    task = task_from_dict(spec, base_dir=tmp_path, origin="tiny.yaml")
+    pairs, gold = task.cloze_pairs(task.records("test")[0])
+    assert pairs == [("Q: 1+1\nA:", " 2"), ("Q: 1+1\nA:", " 5")] and gold == 0
+    assert task.lm_eval.sampler == "first_n"
+    with pytest.raises(ConfigError, match="unknown field 'cloze.pairs'"):
+        task_from_dict({**spec, "cloze": {"pairs": "x"}}, base_dir=tmp_path, origin="tiny.yaml")

@@ -18,7 +18,7 @@ from typing import Any
 
 from spt_jax.errors import ConfigError, DataError, SptError, close_names
 from spt_jax.system import decode_lines, decode_text, read_text
-from spt_jax.tasks.task import AnswerSpec, FormatSpec, Task
+from spt_jax.tasks.task import AnswerSpec, ClozeSpec, FewShotForm, FormatSpec, Task
 
 FieldMap = Mapping[str, "str | Sequence[str]"]
 
@@ -247,6 +247,8 @@ _TASK_KEYS = {f.name for f in dataclasses.fields(Task) if f.init}
 _REQUIRED = ("name", "source", "input_template", "target_template", "format", "answer")
 _FORMAT_KEYS = {f.name for f in dataclasses.fields(FormatSpec) if f.init}
 _ANSWER_KEYS = {f.name for f in dataclasses.fields(AnswerSpec) if f.init}
+_CLOZE_KEYS = {f.name for f in dataclasses.fields(ClozeSpec) if f.init} - {"pairs"}
+_LM_EVAL_KEYS = {f.name for f in dataclasses.fields(FewShotForm) if f.init}
 _SOURCE_TYPES = ("jsonl", "csv", "builtin", "tfds")
 
 
@@ -333,9 +335,13 @@ def task_from_dict(spec: Mapping, *, base_dir: str | os.PathLike | None = None, 
     for key in _REQUIRED:
         if key not in spec:
             raise ConfigError(f"{origin}: missing required field {key!r}")
-    kwargs = {k: v for k, v in spec.items() if k not in ("source", "format", "answer")}
+    kwargs = {k: v for k, v in spec.items() if k not in ("source", "format", "answer", "cloze", "lm_eval")}
     format_spec = _build(FormatSpec, _section(spec, "format", _FORMAT_KEYS, origin), "format", origin)
     answer_spec = _build(AnswerSpec, _section(spec, "answer", _ANSWER_KEYS, origin), "answer", origin)
+    if spec.get("cloze") is not None:  # templates only: a callable `pairs` is for code
+        kwargs["cloze"] = _build(ClozeSpec, _section(spec, "cloze", _CLOZE_KEYS, origin), "cloze", origin)
+    if spec.get("lm_eval") is not None:
+        kwargs["lm_eval"] = _build(FewShotForm, _section(spec, "lm_eval", _LM_EVAL_KEYS, origin), "lm_eval", origin)
     split_names = spec.get("split_names") or {"train": "train", "validation": "validation", "test": "test"}
     if not isinstance(split_names, Mapping):
         raise ConfigError(f"{origin}: field 'split_names' must map our split names to the data's, got {split_names!r}")
