@@ -93,13 +93,15 @@ def headline_lines(results: Mapping) -> list[str]:
             lines.append(f"{mode} vs zero-shot: accuracy {-c['difference']:+.3f}, McNemar p = {c['p_value']:.3g} "
                          f"(right only with {mode}: {c['c']} items, only zero-shot: {c['b']})")
     tuning = results.get("tuning") or {}
-    saturated = (tuning.get("metadata") or {}).get("saturated_at_step")
     if tuning.get("curve"):
-        first_full = next((p["step"] for p in tuning["curve"] if p["format_validity"] >= 0.95), None)
-        if saturated is not None:
-            lines.append(f"format validity saturated at step {saturated} (tuning stopped at step {tuning['steps']})")
-        elif first_full is not None:
-            lines.append(f"format validity on the validation items first reached 0.95 at step {first_full}")
+        saturated = tuning.get("saturated_at_step")
+        stopped = (tuning.get("metadata") or {}).get("saturated_at_step") is not None
+        if saturated is None:
+            lines.append(f"format validity did not saturate within {tuning['steps']} steps")
+        else:
+            lines.append(f"format validity saturated at step {saturated}"
+                         + (f" (tuning stopped at step {tuning['steps']})" if stopped else
+                            f" of {tuning['steps']}"))
     return lines
 
 

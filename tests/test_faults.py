@@ -135,6 +135,7 @@ class Case:
     fake_model: bool = True  # False: the real loader reads the --model file
     root_only: bool = False  # needs a tmpfs
     absent: tuple[str, ...] = ()  # what the line must not say
+    created: tuple[str, ...] = ()  # entries the command may create (under tmp), e.g. an asked-for directory
 
 
 CASES: list[Case] = []
@@ -557,7 +558,7 @@ def _full_checkpoints(tmp):
 
 
 case("disk full under orbax", 3, ["checkpoint", "No space left on device"], "traceback",
-     root_only=True)(_full_checkpoints)
+     root_only=True, created=("ck/run",))(_full_checkpoints)
 
 
 def _read_only(tmp, what="results"):
@@ -702,6 +703,9 @@ def test_fault_is_one_line_and_loses_nothing(case, tmp_path, fake_load, checkpoi
     assert_one_line(outcome, case.code, *case.needles)
     assert not any(text in outcome.err for text in case.absent), outcome.err
     after = {name: snapshot(work / name) for name in ("r", "ck")}
+    for entry in case.created:
+        top, _, rest = entry.partition("/")
+        assert after[top].pop(rest) == "dir"  # an empty directory: no unfinished step is left
     assert after == before, "the results folder or checkpoint directory changed"
     if (work / "offset.txt").exists():  # the jsonl offset case names the exact byte
         assert f"(byte offset {(work / 'offset.txt').read_text()})" in outcome.err

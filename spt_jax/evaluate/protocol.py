@@ -174,7 +174,13 @@ def last_loss(history: Sequence[Mapping]):
 def tuning_record(result, curve: list[dict], tune_time: float) -> dict:
     """What results.json's ``tuning`` (and tuning.json) say about a tuning run."""
     history = res.jsonable(result.history or [])
-    return {"source": "tuned", "steps": steps_done(result), "tune_config": res.jsonable(result.config),
+    from spt_jax.tune.stopping import saturation_step
+
+    config = result.config  # every run reports where validity saturated, stopped there or not
+    saturated = saturation_step([(p["step"], p["format_validity"]) for p in curve], config.stop_threshold,
+                                config.stop_patience)
+    return {"source": "tuned", "steps": steps_done(result), "saturated_at_step": saturated,
+            "tune_config": res.jsonable(result.config),
             "metadata": res.jsonable(result.metadata or {}), "curve": curve, "history": history,
             "final_loss": last_loss(history), "tune_time_s": tune_time}
 

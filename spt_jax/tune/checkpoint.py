@@ -19,6 +19,8 @@ import errno
 import logging
 import os
 import re
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -50,15 +52,16 @@ def _os_error(err: BaseException) -> OSError | None:
 
 
 @contextlib.contextmanager
-def _os_faults(doing: str, directory: Path, hint=lambda: ""):
+def _os_faults(doing: str, directory: Path, hint=lambda: "", on_fault=lambda: None):
     """Re-raise an operating-system refusal inside Orbax as one `EnvironmentFault` line (``hint()``
-    says what is still intact)."""
+    says what is still intact; ``on_fault()`` runs first)."""
     try:
         yield
     except Exception as e:
         os_error = _os_error(e)
         if os_error is None:
             raise
+        on_fault()
         raise environment_fault(os_error, doing, directory, hint=hint()) from None
 
 
@@ -68,6 +71,17 @@ class _OrbaxThreadTracebacks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _closed_loop_noise(previous):
+    """An unraisable hook dropping the "Event loop is closed" errors TensorStore's callbacks raise
+    after Orbax gave up on a failed write (reported once, by `_os_faults`); others pass on."""
+
+    def hook(info):
+        if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+
+    return hook
 
 
 class TuneCheckpoints:
@@ -83,8 +97,9 @@ class TuneCheckpoints:
             raise environment_fault(e, "cannot create the checkpoint directory", self.directory) from None
         self.lock = FolderLock(self.directory, what="checkpoint directory",
                                hint="choose another --checkpoint-dir (checkpoint_dir)").acquire()
-        self._quiet = _OrbaxThreadTracebacks()
+        self._quiet, self._unraisable, self._faulted = _OrbaxThreadTracebacks(), sys.unraisablehook, False
         logging.getLogger("absl").addFilter(self._quiet)
+        sys.unraisablehook = _closed_loop_noise(self._unraisable)
         try:
             with _os_faults("cannot open the checkpoint directory", self.directory):
                 self.manager = ocp.CheckpointManager(
@@ -100,7 +115,7 @@ class TuneCheckpoints:
         """Start writing step ``step`` (asynchronously; `close` waits for it)."""
         # Copies: the train step donates prompt and opt_state, and the write may still be running.
         state = jax.tree.map(jnp.copy, {"prompt": prompt, "opt_state": opt_state})
-        with _os_faults("cannot write a checkpoint into", self.directory, self._kept):
+        with _os_faults("cannot write a checkpoint into", self.directory, self._kept, self._fault):
             self.manager.save(
                 step,
                 args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
@@ -151,16 +166,28 @@ class TuneCheckpoints:
     def close(self) -> None:
         """Wait for pending writes, release the manager and the directory's lock."""
         try:
-            with _os_faults("cannot finish writing a checkpoint into", self.directory, self._kept):
+            with _os_faults("cannot finish writing a checkpoint into", self.directory, self._kept, self._fault):
                 try:
                     self.manager.wait_until_finished()
                 finally:
                     self.manager.close()
         finally:
+            if self._faulted:
+                self._remove_unfinished()
             self._release()
+
+    def _fault(self) -> None:
+        self._faulted = True
+
+    def _remove_unfinished(self) -> None:
+        """Delete the unfinished steps Orbax leaves after a failed write (clearly named, and only
+        ever this run's: it holds the directory's lock); finished steps are never touched."""
+        for path in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def _release(self) -> None:
         logging.getLogger("absl").removeFilter(self._quiet)
+        sys.unraisablehook = self._unraisable
         self.lock.release()
 
     def __enter__(self) -> TuneCheckpoints:
