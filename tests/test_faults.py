@@ -615,6 +615,15 @@ GENERATE_RAISES: list = []
 case("Ctrl-C during generation with --overwrite", 130, ["interrupted"], "lost")(_interrupt_in_generation)
 
 
+def _sigint_in_generation(tmp):
+    old_results(tmp / "r" / "x")
+    GENERATE_RAISES.append("SIGINT")  # a real signal to this process, through the CLI's handler
+    return _eval(tmp, "--name", "x", "--overwrite")
+
+
+case("SIGINT during generation with --overwrite", 130, ["interrupted"], "lost")(_sigint_in_generation)
+
+
 # --------------------------------------------------------------------------------------------------
 # running the table
 
@@ -652,7 +661,10 @@ def faults(monkeypatch):
     real_generate = spt_jax.generate.generate
 
     def generate(*args, **kwargs):
-        if GENERATE_RAISES:
+        if GENERATE_RAISES == ["SIGINT"]:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises in this thread long before
+        elif GENERATE_RAISES:
             raise GENERATE_RAISES[0]
         return real_generate(*args, **kwargs)
 
@@ -799,40 +811,6 @@ def _long_tune(tmp, task, steps: int, *extra) -> list:
             "--checkpoint-dir", tmp / "ck", "--checkpoint-every", "1", *extra]
 
 
-def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_prompt(tmp_path, fake_load, capfd):
-    from safetensors.numpy import load_file
-
-    rng = random.Random(int(os.environ.get("SPT_FAULT_SEED", "8")))
-    task = _task(tmp_path)
-    steps = 8
-    for _ in range(2):
-        proc = _spawn(_long_tune(tmp_path, task, steps))
-        _wait_for(lambda: len(_steps(tmp_path / "ck")) >= 1, proc)
-        time.sleep(rng.uniform(0.0, 0.3))
-        proc.kill()
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL
-        assert not (tmp_path / "r" / "t").exists() or (tmp_path / "r" / "t" / ev.TUNING_FILE).is_file()
-        if (tmp_path / "r" / "t").exists():
-            break  # it finished before the kill: nothing to resume
-    killed_at = max(_steps(tmp_path / "ck"))
-    outcome = run_cli(_long_tune(tmp_path, task, steps, *(["--overwrite"] if (tmp_path / "r" / "t").exists()
-                                                            else [])), capfd)
-    assert outcome.code == 0, outcome.err  # the killed runs' stale locks do not block
-    summary = json.loads((tmp_path / "r" / "t" / ev.TUNING_FILE).read_text())
-    assert summary["steps"] == steps and len(summary["history"]) == steps
-    reference = tmp_path / "reference"
-    outcome = run_cli(["tune", "--model", "tiny", "--task", task, "--out", reference, "--name", "t", "--steps",
-                       str(steps), "--tune-batch-size", "2", "--prompt-length", "2", "--eval-every", "0",
-                       "--quiet"], capfd)
-    assert outcome.code == 0, outcome.err
-    resumed = load_file(str(tmp_path / "r" / "t" / ev.PROMPT_FILE))["prompt"]
-    uninterrupted = load_file(str(reference / "t" / ev.PROMPT_FILE))["prompt"]
-    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5, atol=1e-6)
-    assert killed_at >= 1
-    assert not list((tmp_path / "r").glob(".*.lock")) and not list(tmp_path.glob(".ck.lock"))
-
-
 def _locked(lock_file: Path) -> bool:
     import fcntl
 
@@ -847,24 +825,50 @@ def _locked(lock_file: Path) -> bool:
         return False
 
 
-def test_a_second_writer_is_refused_and_sigint_exits_130(tmp_path, fake_load, capfd):
-    task = _task(tmp_path)
-    proc = _spawn(_long_tune(tmp_path, task, 400))
-    _wait_for(lambda: _locked(tmp_path / "r" / ".t.lock") and _locked(tmp_path / ".ck.lock"), proc)
-    same_folder = run_cli(_eval(tmp_path, "--name", "t", task=task), capfd)
-    assert_one_line(same_folder, 3, "results folder", "is in use by another spt-jax run", f"pid {proc.pid}",
-                    "choose another --name")
-    same_checkpoints = run_cli(["tune", "--model", "tiny", "--task", task, "--out", tmp_path / "other",
-                                *QUICK_TUNE, "--checkpoint-dir", tmp_path / "ck"], capfd)
-    assert_one_line(same_checkpoints, 3, "checkpoint directory", "in use by another spt-jax run")
-    _wait_for(lambda: len(_steps(tmp_path / "ck")) >= 1, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("spt-jax: interrupted"), err
-    assert not (tmp_path / "r" / "t").exists() and not list((tmp_path / "r").glob("t.partial-*"))
-    assert _steps(tmp_path / "ck")  # its checkpoints stay for a resume
+def test_second_writers_are_refused_and_a_sigkilled_run_resumes_to_the_uninterrupted_prompt(
+        tmp_path, fake_load, capfd):
+    """One tuning subprocess: while it runs, a second writer to its results folder and one to its
+    checkpoint directory each get one line (exit 3); then SIGKILL at a random moment after its first
+    checkpoint. The resume is not blocked by the dead run's locks or partial folder, continues from
+    its checkpoint (the history up to it is the killed run's), and ends at the uninterrupted prompt."""
+    from safetensors.numpy import load_file
+
+    rng = random.Random(int(os.environ.get("SPT_FAULT_SEED", "8")))
+    task, steps = _task(tmp_path), 40
+    proc = _spawn(_long_tune(tmp_path, task, steps))
+    try:
+        _wait_for(lambda: _locked(tmp_path / "r" / ".t.lock") and _locked(tmp_path / ".ck.lock"), proc)
+        same_folder = run_cli(_eval(tmp_path, "--name", "t", task=task), capfd)
+        assert_one_line(same_folder, 3, "results folder", "is in use by another spt-jax run", f"pid {proc.pid}",
+                        "choose another --name")
+        same_checkpoints = run_cli(["tune", "--model", "tiny", "--task", task, "--out", tmp_path / "other",
+                                    *QUICK_TUNE, "--checkpoint-dir", tmp_path / "ck"], capfd)
+        assert_one_line(same_checkpoints, 3, "checkpoint directory", "in use by another spt-jax run")
+        _wait_for(lambda: len(_steps(tmp_path / "ck")) >= 1, proc)
+        time.sleep(rng.uniform(0.0, 0.5))
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "r" / "t").exists(), "killed while tuning: no results folder yet"
     assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+    saved = max(_steps(tmp_path / "ck"))
+    assert saved < steps
+    saved_history = json.loads((tmp_path / "ck" / str(saved) / "meta" / "metadata").read_text())["history"]
+
+    outcome = run_cli(_long_tune(tmp_path, task, steps), capfd)
+    assert outcome.code == 0, outcome.err
+    summary = json.loads((tmp_path / "r" / "t" / ev.TUNING_FILE).read_text())
+    assert len(summary["history"]) == steps
+    assert summary["history"][:saved] == saved_history  # resumed, not redone
+    outcome = run_cli(["tune", "--model", "tiny", "--task", task, "--out", tmp_path / "reference", "--name", "t",
+                       "--steps", str(steps), "--tune-batch-size", "2", "--prompt-length", "2", "--eval-every",
+                       "0", "--quiet"], capfd)
+    assert outcome.code == 0, outcome.err
+    resumed = load_file(str(tmp_path / "r" / "t" / ev.PROMPT_FILE))["prompt"]
+    uninterrupted = load_file(str(tmp_path / "reference" / "t" / ev.PROMPT_FILE))["prompt"]
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5, atol=1e-6)
+    assert not list((tmp_path / "r").glob(".*.lock")) and not (tmp_path / ".ck.lock").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from test_evaluate import make_tiny_lm, scripted_generate
 
 from spt_jax import evaluate as ev
-from spt_jax.tasks import benchmarks as bm
+from spt_jax.tasks import benchmark_prompts as prompts
 from spt_jax.tasks.lm_eval_forms import FewShotSampler, fewshot_context
 from spt_jax.tasks.task import InMemorySource
 
@@ -30,7 +30,7 @@ def _arc_docs(n, tag):
 
 def arc():
     data = {"train": _arc_docs(6, "train"), "validation": _arc_docs(2, "val"), "test": _arc_docs(3, "test")}
-    return bm._arc_task("arc_easy", InMemorySource(data), SPLITS, "ARC-Easy from small files")
+    return prompts.arc_task("arc_easy", InMemorySource(data), SPLITS, "ARC-Easy from small files")
 
 
 def test_arc_cloze_is_lm_evals_question_answer_form():
@@ -97,7 +97,7 @@ def test_mmlu_five_shot_is_lm_evals_first_n_dev_context():
             "answer": "ABCD"[i % 4]} for i in range(6)]
     test = [{"subject": "anatomy", "question": "Which bone?", "choices": ["femur", "ulna", "rib", "skull"],
              "answer": "A"}]
-    task = bm._mmlu_task("mmlu:anatomy", InMemorySource({"dev": dev, "test": test}),
+    task = prompts.mmlu_task("mmlu:anatomy", InMemorySource({"dev": dev, "test": test}),
                          {"train": "dev", "test": "test"}, "MMLU anatomy", subject="anatomy")
     demos = FewShotSampler(task.records("train"), task.lm_eval)(task.records("test")[0], 5)
     assert [d["question"] for d in demos] == [f"Dev question {i}?" for i in range(5)]
@@ -112,14 +112,14 @@ def test_mmlu_five_shot_is_lm_evals_first_n_dev_context():
 
 
 @pytest.mark.parametrize("make, record, want", [
-    (bm._hellaswag_task, {"question": "Baking cookies: A woman mixes flour.", "choices": ["She bakes.", "He runs."],
+    (prompts.hellaswag_task, {"question": "Baking cookies: A woman mixes flour.", "choices": ["She bakes.", "He runs."],
                           "answer": "A"},
      [("Baking cookies: A woman mixes flour.", " She bakes."), ("Baking cookies: A woman mixes flour.", " He runs.")]),
-    (bm._piqa_task, {"question": "Open a jar", "choices": ["twist the lid", "kick it"], "answer": "A"},
+    (prompts.piqa_task, {"question": "Open a jar", "choices": ["twist the lid", "kick it"], "answer": "A"},
      [("Question: Open a jar\nAnswer:", " twist the lid"), ("Question: Open a jar\nAnswer:", " kick it")]),
-    (bm._openbookqa_task, {"question": "The sun is a", "choices": ["star", "planet", "moon", "comet"], "answer": "A"},
+    (prompts.openbookqa_task, {"question": "The sun is a", "choices": ["star", "planet", "moon", "comet"], "answer": "A"},
      [("The sun is a", " star"), ("The sun is a", " planet"), ("The sun is a", " moon"), ("The sun is a", " comet")]),
-    (bm._winogrande_task, {"question": "The trophy didn't fit in the suitcase because _ was too big.",
+    (prompts.winogrande_task, {"question": "The trophy didn't fit in the suitcase because _ was too big.",
                            "choices": ["the trophy", "the suitcase"], "answer": "A"},
      [("The trophy didn't fit in the suitcase because the trophy", " was too big."),
       ("The trophy didn't fit in the suitcase because the suitcase", " was too big.")]),

@@ -8,10 +8,8 @@ dataset raises a ``DataError`` that says how to prepare it (``prepare()`` below,
 ``python -m spt_jax.tasks.benchmarks prepare NAME``). MMLU, absent from the TFDS catalog, comes from the
 library-owned builder in ``spt_jax.tasks.mmlu`` over the user's CSV files.
 
-Prompts, targets, stop sequences and answer extraction follow lm-evaluation-harness so numbers compare;
-docs/benchmarks.md lists, per benchmark, the exact template and the lm-eval task it mirrors. Multiple
-choice tasks answer with the choice letter (lm-eval's generative MMLU form) and keep ``choices_field``,
-so ``Task.choice_continuations`` scores the letters by log-likelihood the way lm-eval's ``mmlu`` does.
+How each benchmark becomes a Task (its lm-eval prompt, answer format and cloze form) lives in
+`spt_jax.tasks.benchmark_prompts`.
 
 The small ``*_record`` functions turn one TFDS example (decoded to plain Python) into one task record;
 they are pure so each benchmark's preprocessing can be tested on its own.
@@ -33,8 +31,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from spt_jax.errors import DataError, MissingPackageError, SptError, close_names
-from spt_jax.tasks import lm_eval_forms as forms
-from spt_jax.tasks.task import LETTERS, AnswerSpec, ClozeSpec, FewShotForm, FormatSpec, Task
+from spt_jax.tasks import benchmark_prompts as prompts
+from spt_jax.tasks.task import LETTERS, Task
 
 try:
     import tensorflow_datasets as tfds
@@ -294,158 +292,40 @@ class BenchmarkSpec:
     lm_eval: str  # the lm-evaluation-harness task this one mirrors
 
 
-def _mc_format(n_choices: int) -> FormatSpec:
-    # lm-eval's generative MMLU: first line, whitespace stripped, exact match ignoring case and
-    # punctuation -- so the answer is one letter, optionally wrapped in punctuation ('B', 'B.', '(B)').
-    return FormatSpec(pattern=rf"[^\w\s]*(?P<answer>[A-{LETTERS[n_choices - 1]}])[^\w\s]*", mode="strict",
-                      stop_sequences=("\n",), ignore_case=True)
-
-
-def multiple_choice_task(name: str, source, *, question_prefix: str, n_choices: int, instruction: str,
-                         split_names: Mapping[str, str], description: str, cloze: ClozeSpec,
-                         lm_eval: FewShotForm = FewShotForm()) -> Task:
-    """A letter-answer multiple-choice task: '<prefix><question>\\nA. ...\\nB. ...\\nAnswer:' -> ' B',
-    with lm-eval's cloze form of the benchmark for the CF references."""
-    return Task(
-        name=name, source=source, cloze=cloze, lm_eval=lm_eval,
-        input_template=question_prefix + "{question}\n{choices_text}\nAnswer:",
-        target_template=" {answer}",
-        format=_mc_format(n_choices),
-        answer=AnswerSpec(kind="choice"),
-        instruction=instruction,
-        choices_field="choices",
-        max_new_tokens=4,
-        split_names=split_names,
-        description=description,
-    )
-
-
-def _mc_instruction(topic: str) -> str:
-    # The sentence lm-eval's MMLU puts before its questions, with this benchmark's topic.
-    return f"The following are multiple choice questions (with answers) about {topic}."
-
-
-def _arc_task(name, source, split_names, description):
-    return multiple_choice_task(name, source, question_prefix="Question: ", n_choices=5,
-                                instruction=_mc_instruction("science"), split_names=split_names,
-                                description=description, cloze=forms.QUESTION_ANSWER)
-
-
-def _gsm8k_task(name, source, split_names, description):
-    return Task(
-        name=name, source=source,
-        input_template="Question: {question}\nAnswer:",
-        target_template=" {reasoning}#### {answer}",
-        # lm-eval gsm8k "strict-match": the first '#### <number>' anywhere in the output.
-        format=FormatSpec(pattern=r"#### (?P<answer>\-?[0-9\.\,]+)", mode="first",
-                          stop_sequences=("Question:", "</s>", "<|im_end|>")),
-        answer=AnswerSpec(kind="number"),
-        instruction=("Solve each grade school math problem. Reason step by step, then give the final "
-                     "answer on its own line as '#### <number>'."),
-        max_new_tokens=256,
-        split_names=split_names,
-        description=description,
-    )
-
-
-def _boolq_task(name, source, split_names, description):
-    return Task(
-        name=name, source=source,
-        input_template="{passage}\nQuestion: {question}?\nAnswer:",
-        target_template=" {answer}",
-        format=FormatSpec(pattern=r"[^\w\s]*(?P<answer>yes|no)[^\w\s]*", mode="strict",
-                          stop_sequences=("\n",), ignore_case=True),
-        answer=AnswerSpec(kind="yesno"),
-        instruction="Read each passage and answer the question about it with yes or no.",
-        max_new_tokens=4,
-        split_names=split_names,
-        description=description,
-    )
-
-
-def _triviaqa_task(name, source, split_names, description):
-    return Task(
-        name=name, source=source,
-        input_template="Question: {question}?\nAnswer:",
-        target_template=" {answer}",
-        # lm-eval triviaqa: generation stops at a newline, '.' or ','; the rest, whitespace-stripped,
-        # must equal an alias (case and punctuation ignored).
-        format=FormatSpec(pattern=r"(?P<answer>.+)", mode="strict", stop_sequences=("\n", ".", ",")),
-        answer=AnswerSpec(kind="string", aliases_field="aliases"),
-        instruction="Answer each trivia question with a short answer: a name, a word or a number.",
-        max_new_tokens=32,
-        split_names=split_names,
-        description=description,
-    )
-
-
-def _hellaswag_task(name, source, split_names, description):
-    return multiple_choice_task(name, source, question_prefix="", n_choices=4,
-                                instruction=_mc_instruction("how a described situation continues"),
-                                split_names=split_names, description=description, cloze=forms.BARE_QUESTION)
-
-
-def _piqa_task(name, source, split_names, description):
-    return multiple_choice_task(name, source, question_prefix="Question: ", n_choices=2,
-                                instruction=_mc_instruction("physical commonsense"),
-                                split_names=split_names, description=description, cloze=forms.QUESTION_ANSWER)
-
-
-def _winogrande_task(name, source, split_names, description):
-    return multiple_choice_task(name, source, question_prefix="", n_choices=2,
-                                instruction=_mc_instruction("which option fills the blank (_) in a sentence"),
-                                split_names=split_names, description=description, cloze=forms.WINOGRANDE)
-
-
-def _openbookqa_task(name, source, split_names, description):
-    return multiple_choice_task(name, source, question_prefix="", n_choices=4,
-                                instruction=_mc_instruction("elementary science"),
-                                split_names=split_names, description=description, cloze=forms.BARE_QUESTION)
-
-
-def _mmlu_task(name, source, split_names, description, subject: str | None = None):
-    # lm-eval's per-subject description; the all-subjects task shares one prefix, so it names no subject.
-    instruction = (_mc_instruction(mmlu_builder.mmlu_subject_title(subject)) if subject
-                   else "The following are multiple choice questions (with answers).")
-    return multiple_choice_task(name, source, question_prefix="", n_choices=4, instruction=instruction,
-                                split_names=split_names, description=description, cloze=forms.QUESTION_ANSWER,
-                                lm_eval=FewShotForm(description=instruction + "\n\n", sampler="first_n"))
-
-
 _TEST_IS_VALIDATION = "test = the validation split, which lm-eval reports (the test labels are not public)"
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec for spec in (
         BenchmarkSpec("arc_easy", "ai2_arc/ARC-Easy", ("train", "validation", "test"),
-                      {"train": "train", "validation": "validation", "test": "test"}, arc_record, _arc_task,
+                      {"train": "train", "validation": "validation", "test": "test"}, arc_record, prompts.arc_task,
                       "arc_easy (letter form of its prompt; MMLU-generative answer format)"),
         BenchmarkSpec("arc_challenge", "ai2_arc/ARC-Challenge", ("train", "validation", "test"),
-                      {"train": "train", "validation": "validation", "test": "test"}, arc_record, _arc_task,
+                      {"train": "train", "validation": "validation", "test": "test"}, arc_record, prompts.arc_task,
                       "arc_challenge (letter form of its prompt; MMLU-generative answer format)"),
         BenchmarkSpec("gsm8k", "gsm8k", ("train", "test", "train_socratic", "test_socratic"),
-                      {"train": "train", "test": "test"}, gsm8k_record, _gsm8k_task,
+                      {"train": "train", "test": "test"}, gsm8k_record, prompts.gsm8k_task,
                       "gsm8k v3 (strict-match)"),
         BenchmarkSpec("boolq", "bool_q", ("train", "validation"),
-                      {"train": "train", "test": "validation"}, boolq_record, _boolq_task,
+                      {"train": "train", "test": "validation"}, boolq_record, prompts.boolq_task,
                       f"boolq-seq2seq; {_TEST_IS_VALIDATION}"),
         BenchmarkSpec("triviaqa", "trivia_qa/rc.nocontext", ("train", "validation", "test"),
-                      {"train": "train", "test": "validation"}, triviaqa_record, _triviaqa_task,
+                      {"train": "train", "test": "validation"}, triviaqa_record, prompts.triviaqa_task,
                       f"triviaqa v3; {_TEST_IS_VALIDATION}"),
         BenchmarkSpec("hellaswag", "hellaswag", ("train", "validation", "test"),
-                      {"train": "train", "test": "validation"}, hellaswag_record, _hellaswag_task,
+                      {"train": "train", "test": "validation"}, hellaswag_record, prompts.hellaswag_task,
                       f"hellaswag (its preprocessing; letter form); {_TEST_IS_VALIDATION}"),
         BenchmarkSpec("piqa", "piqa", ("train", "validation"),
-                      {"train": "train", "test": "validation"}, piqa_record, _piqa_task,
+                      {"train": "train", "test": "validation"}, piqa_record, prompts.piqa_task,
                       f"piqa (letter form of its prompt); {_TEST_IS_VALIDATION}"),
         BenchmarkSpec("winogrande", "winogrande",
                       ("train_xs", "train_s", "train_m", "train_l", "train_xl", "validation", "test"),
-                      {"train": "train_xl", "test": "validation"}, winogrande_record, _winogrande_task,
+                      {"train": "train_xl", "test": "validation"}, winogrande_record, prompts.winogrande_task,
                       f"winogrande (winogrande_xl train; letter form); {_TEST_IS_VALIDATION}"),
         BenchmarkSpec("openbookqa", "openbookqa", ("train", "validation", "test"),
                       {"train": "train", "validation": "validation", "test": "test"}, openbookqa_record,
-                      _openbookqa_task, "openbookqa (letter form of its prompt)"),
+                      prompts.openbookqa_task, "openbookqa (letter form of its prompt)"),
         BenchmarkSpec("mmlu", "mmlu", ("dev", "validation", "test"),
-                      {"train": "dev", "validation": "validation", "test": "test"}, mmlu_record, _mmlu_task,
+                      {"train": "dev", "validation": "validation", "test": "test"}, mmlu_record, prompts.mmlu_task,
                       "mmlu_generative (train = the 5-per-subject dev split, lm-eval's few-shot split)"),
     )
 }
@@ -484,7 +364,7 @@ def benchmark_task(name: str, data_dir: str | os.PathLike | None = None) -> Task
     description = (f"{name}: TFDS {spec.tfds_name}, mirrors lm-evaluation-harness {spec.lm_eval}"
                    + (f", subject {subject}" if subject else ""))
     if subject:
-        return _mmlu_task(name, source, spec.split_names, description, subject=subject)
+        return prompts.mmlu_task(name, source, spec.split_names, description, subject=subject)
     return spec.make_task(name, source, spec.split_names, description)
 
 

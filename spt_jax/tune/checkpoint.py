@@ -173,6 +173,7 @@ class TuneCheckpoints:
                     self.manager.close()
         finally:
             if self._faulted:
+                _join_background_threads()  # what they log or raise late is still filtered
                 self._remove_unfinished()
             self._release()
 
@@ -195,6 +196,17 @@ class TuneCheckpoints:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _join_background_threads(timeout_s: float = 20.0) -> None:
+    """Wait (bounded) for Orbax's background write threads, which a failed write leaves finishing."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "_SignalingThread" and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _failure(step: int, err: Exception) -> str:
