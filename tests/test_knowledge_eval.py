@@ -12,7 +12,7 @@ from spt_jax import evaluate as ev
 from spt_jax import report, scoring
 from spt_jax.errors import ConfigError
 from spt_jax.tasks import get_task
-from spt_jax.tasks.task import AnswerSpec, parse_number
+from spt_jax.tasks.answers import AnswerSpec, parse_number
 
 # --------------------------------------------------------------------------------------------------
 # free-form capital tasks

@@ -23,7 +23,7 @@ from spt_jax.tasks import (
     register_task,
 )
 from spt_jax.tasks.files import TfdsSource, tfds_value
-from spt_jax.tasks.task import normalize_text, parse_number
+from spt_jax.tasks.answers import normalize_text, parse_number
 
 MC_PATTERN = r"Answer: (?P<answer>[A-D])"
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from spt_jax.errors import ConfigError, close_names
-from spt_jax.tasks.task import LETTERS
+from spt_jax.tasks.answers import LETTERS
 
 
 @dataclasses.dataclass

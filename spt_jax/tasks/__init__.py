@@ -15,17 +15,8 @@ from pathlib import Path
 
 from spt_jax.errors import DataError, close_names
 from spt_jax.tasks.files import CsvSource, JsonlSource, TfdsSource, load_task_file, task_from_dict
-from spt_jax.tasks.task import (
-    AnswerSpec,
-    DataSource,
-    FormatSpec,
-    InMemorySource,
-    ParsedAnswer,
-    Record,
-    Task,
-    normalize_text,
-    parse_number,
-)
+from spt_jax.tasks.answers import AnswerSpec, FormatSpec, ParsedAnswer, normalize_text, parse_number
+from spt_jax.tasks.task import DataSource, InMemorySource, Record, Task
 
 _REGISTRY: dict[str, Task] = {}
 _TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 from spt_jax.tasks import lm_eval_forms as forms
 from spt_jax.tasks import mmlu as mmlu_builder
-from spt_jax.tasks.task import LETTERS, AnswerSpec, ClozeSpec, FewShotForm, FormatSpec, Task
+from spt_jax.tasks.answers import LETTERS, AnswerSpec, FormatSpec
+from spt_jax.tasks.task import ClozeSpec, FewShotForm, Task
 
 
 def _mc_format(n_choices: int) -> FormatSpec:

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from spt_jax.errors import DataError, MissingPackageError, SptError, close_names
 from spt_jax.tasks import benchmark_prompts as prompts
-from spt_jax.tasks.task import LETTERS, Task
+from spt_jax.tasks.answers import LETTERS
+from spt_jax.tasks.task import Task
 
 try:
     import tensorflow_datasets as tfds

@@ -20,7 +20,8 @@ from importlib import resources
 import numpy as np
 
 from spt_jax.errors import DataError
-from spt_jax.tasks.task import LETTERS, SPLITS, AnswerSpec, ClozeSpec, FormatSpec, Task
+from spt_jax.tasks.answers import LETTERS, AnswerSpec, FormatSpec
+from spt_jax.tasks.task import SPLITS, ClozeSpec, Task
 
 Splits = dict[str, list[dict]]
 

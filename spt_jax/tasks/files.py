@@ -18,7 +18,8 @@ from typing import Any
 
 from spt_jax.errors import ConfigError, DataError, SptError, close_names
 from spt_jax.system import decode_lines, decode_text, read_text
-from spt_jax.tasks.task import AnswerSpec, ClozeSpec, FewShotForm, FormatSpec, Task
+from spt_jax.tasks.answers import AnswerSpec, FormatSpec
+from spt_jax.tasks.task import ClozeSpec, FewShotForm, Task
 
 FieldMap = Mapping[str, "str | Sequence[str]"]
 
