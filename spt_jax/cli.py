@@ -528,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             code = None
         if code is None or (flag is not None and flag.fired):  # fired: an interrupt some callback swallowed
-            print(f"{PROG}: interrupted; no results were written and earlier ones are untouched", file=sys.stderr)
+            print(f"{PROG}: interrupted (only a finished run writes its results folder; earlier ones are "
+                  "untouched)", file=sys.stderr)
             return EXIT_INTERRUPTED
         return code
 

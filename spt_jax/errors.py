@@ -88,5 +88,5 @@ def close_names(name: str, choices, n: int = 3) -> str:
     """A ' (did you mean ...?)' hint listing the choices closest to a misspelled name."""
     import difflib
 
-    matches = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    matches = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=0.5)  # any value: it is a hint
     return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""

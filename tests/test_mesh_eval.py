@@ -58,9 +58,10 @@ def eval_config(mesh):
     from spt_jax.tune import TuneConfig
 
     tune = TuneConfig(steps=2, batch_size=8, prompt_length=2, learning_rate=0.05, checkpoint_every=0)
-    # zero-shot runs in the command-line checks; here the modes with a shared prefix (demos, a prompt)
+    # zero-shot and the log-likelihood reference run in the command-line checks; here the modes with a
+    # shared prefix (demonstrations, a tuned prompt)
     return EvalConfig(modes=("few_shot", "soft_prompt"), n_test=8, k=1, tune=tune, eval_every=0, batch_size=8,
-                      mesh=mesh)
+                      loglik=False, mesh=mesh)
 
 
 def comparable(results: dict, run_dir: Path) -> dict:
@@ -82,7 +83,6 @@ def worker_mesh8(model_dir: str, task_file: str, out: str) -> None:
 
     from spt_jax import cli, models, tune
     from spt_jax import evaluate as ev
-    from spt_jax.errors import ConfigError
     from spt_jax.generate import GenerationConfig, generate
     from spt_jax.scoring import choice_loglikelihoods, item_choice_loglikelihoods, score_continuations
     from spt_jax.tasks import get_task
@@ -143,8 +143,8 @@ def worker_mesh8(model_dir: str, task_file: str, out: str) -> None:
         try:
             fn()
             errors[name] = None
-        except ConfigError as e:
-            errors[name] = str(e)
+        except Exception as e:  # noqa: BLE001 -- the test says which kind it must be
+            errors[name] = f"{type(e).__name__}: {e}"
 
     mesh42 = jax.make_mesh((4, 2), ("data", "model"))
     error_of("generate_batch", lambda: generate(lm, texts, config=GenerationConfig(batch_size=6), mesh=mesh42))
@@ -161,11 +161,15 @@ def worker_mesh8(model_dir: str, task_file: str, out: str) -> None:
 
     examples, tune_config = arithmetic_examples(16), tune.TuneConfig(prompt_length=2, batch_size=8, steps=2,
                                                                      learning_rate=0.05)
-    explicit = tune.tune(tune_lm(), examples, tune_config, mesh=jax.make_mesh((8, 1), ("data", "model")),
-                         progress=False)
     single = tune.tune(tune_lm(), examples, tune_config, mesh=tune.make_mesh(1, 1, devices=jax.devices()[:1]),
                        progress=False)
-    report["tune"] = {"explicit": np.asarray(explicit.prompt).tolist(), "single": np.asarray(single.prompt).tolist()}
+    report["tune"] = {"single": np.asarray(single.prompt).tolist()}
+    try:
+        explicit = tune.tune(tune_lm(), examples, tune_config, mesh=jax.make_mesh((8, 1), ("data", "model")),
+                             progress=False)
+        report["tune"]["explicit"] = np.asarray(explicit.prompt).tolist()
+    except Exception as e:  # noqa: BLE001 -- reported, so the other checks still run
+        report["tune"]["explicit"] = f"{type(e).__name__}: {e}"
 
     # -- the loader streams each layer onto the mesh: no stacked [L, ...] buffer on the host ---------
     from spt_jax.models import weights
@@ -237,9 +241,16 @@ def worker_host(model_dir: str, task_file: str, out_parent: str, port: str, proc
 # ---------------------------------------------------------------- tests (run by pytest)
 
 
+# XLA's CPU compiler without its slow LLVM passes: these workers compile ~60 small programs (every mesh
+# compiles its own), and both sides of every comparison run under the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def run_worker(args: list[str], n_devices: int) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, __file__, *args], env=subprocess_env(n_devices),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = subprocess_env(n_devices)
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {FAST_COMPILE}"
+    return subprocess.Popen([PYTHON, __file__, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -276,7 +287,7 @@ def test_generation_on_every_mesh_gives_the_single_device_tokens(mesh8):
 
 def test_scoring_on_every_mesh_matches_a_single_device(mesh8):
     single = mesh8["single"]
-    for shape, run in {**mesh8["sweep"], "4x2 placed": mesh8["placed"]}.items():
+    for shape, run in mesh8["sweep"].items():
         np.testing.assert_allclose(run["scores"], single["scores"], rtol=1e-5, err_msg=shape)
         assert run["greedy"] == single["greedy"], shape
         for got, want in zip(run["choices"], single["choices"]):
@@ -298,6 +309,7 @@ def test_the_kv_cache_splits_over_rows_and_the_heads_that_divide(mesh8):
 
 def test_bad_meshes_are_config_errors(mesh8):
     errors = mesh8["errors"]
+    assert all(e is not None and e.startswith("ConfigError: ") for e in errors.values()), errors
     assert "GenerationConfig.batch_size=6 does not divide over the mesh's data axis of size 4" in errors["generate_batch"]
     assert "batch_size=6 does not divide over the mesh's data axis of size 4" in errors["score_batch"]
     assert "needs exactly the axes ('data', 'model')" in errors["axes"]
@@ -320,7 +332,7 @@ def test_the_loader_streams_layers_onto_the_mesh(mesh8):
 
 def test_evaluate_on_every_mesh_matches_a_single_device(mesh8):
     single = mesh8["eval_single"]
-    assert [r["mode"] for r in single["rows"]] == ["few_shot", "soft_prompt", "loglik"]
+    assert [r["mode"] for r in single["rows"]] == ["few_shot", "soft_prompt"]
     assert len(single["losses"]) == 2
     assert len({output for mode, _, output in single["outputs"] if mode != "loglik"}) > 3
     for shape, run in mesh8["eval_sweep"].items():

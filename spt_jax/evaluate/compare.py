@@ -23,6 +23,7 @@ from spt_jax.evaluate.config import EvalConfig, eval_config_from_dict
 from spt_jax.evaluate.folders import Staging, output_folder, writes_results
 from spt_jax.evaluate.modes import SoftPrompt, ZeroShot, reference_modes
 from spt_jax.evaluate.protocol import Backends, check_inputs, evaluate
+from spt_jax.system import check_interrupted
 from spt_jax.tasks.files import read_mapping_file
 
 _COMPARE_KEYS = {"models", "tasks", "eval", "out", "pairs", "correlate", "metric"}
@@ -223,6 +224,7 @@ def compare(
         log(f"loading {spec.name} ({spec.path})")
         dtype = resolve_dtype_name(spec.dtype or config.eval.dtype)
         lm = load_model(spec.path, dtype=dtype, **({"shardings": onto} if onto is not None else {}))
+        check_interrupted()  # a Ctrl-C a callback swallowed while it loaded
         for task in tasks:
             log(f"evaluating {spec.name} on {task.name}")
             run_dir = Path(_folder(spec.name)) / _folder(task.name)

@@ -206,8 +206,8 @@ def _new_sibling(target: Path, marker: str) -> Path:
 
 
 def _while_writing(err: OSError, staging: Path) -> bool:
-    paths = [p for p in (err.filename, getattr(err, "filename2", None)) if p]
-    return err.errno in _WRITE_ERRNOS or any(str(p).startswith(str(staging)) for p in paths)
+    paths = [p for p in (err.filename, getattr(err, "filename2", None)) if isinstance(p, (str, bytes, os.PathLike))]
+    return err.errno in _WRITE_ERRNOS or any(Path(os.fsdecode(p)).is_relative_to(staging) for p in paths)
 
 
 def _commit(staging: Path, target: Path) -> None:

@@ -20,6 +20,7 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from spt_jax.errors import DataError
+from spt_jax.system import decode_text
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 
@@ -82,7 +83,7 @@ def parse_mmlu_row(row: list[str], *, where: str) -> dict:
 def read_mmlu_csv(path: epath.Path, subject: str):
     """(key, example) pairs of one subject CSV, keyed by subject and row so keys are unique."""
     # Questions may hold quoted commas and newlines; newline="" leaves those to the csv module.
-    rows = csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline=""))
+    rows = csv.reader(io.StringIO(decode_text(path, path.read_bytes(), "MMLU CSV"), newline=""))
     for i, row in enumerate(rows):
         if not row:
             continue

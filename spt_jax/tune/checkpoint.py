@@ -96,7 +96,9 @@ class TuneCheckpoints:
         except OSError as e:
             raise environment_fault(e, "cannot create the checkpoint directory", self.directory) from None
         self.lock = FolderLock(self.directory, what="checkpoint directory",
-                               hint="choose another --checkpoint-dir (checkpoint_dir)").acquire()
+                               hint="choose another --checkpoint-dir (checkpoint_dir)")
+        if jax.process_index() == 0:  # one lock per run: the other hosts of a multi-host job share it
+            self.lock.acquire()
         self._quiet, self._unraisable, self._faulted = _OrbaxThreadTracebacks(), sys.unraisablehook, False
         logging.getLogger("absl").addFilter(self._quiet)
         sys.unraisablehook = _closed_loop_noise(self._unraisable)
@@ -135,12 +137,13 @@ class TuneCheckpoints:
         ``check(meta)`` runs on a step's JSON before its arrays are read, so a checkpoint made for
         another model or other settings is refused as such (not as an unreadable one).
         """
-        failures = []
+        failures, unreadable = [], []
         for step in reversed(self.steps()):
             try:
                 meta = self._restore(step, **{META: ocp.args.JsonRestore()})[META]
             except Exception as e:  # Orbax/TensorStore raise many types for a damaged step
                 failures.append(_failure(step, e))
+                unreadable.append(str(step))
                 continue
             if check is not None:
                 check(meta)
@@ -148,9 +151,11 @@ class TuneCheckpoints:
                 state = self._restore(step, **{STATE: ocp.args.StandardRestore(abstract_state)})[STATE]
             except Exception as e:
                 failures.append(_failure(step, e))
+                unreadable.append(str(step))
                 continue
             if failures:
-                warnings.warn(f"{self.directory}: newer checkpoints are unreadable ({'; '.join(failures)}); "
+                which = (f"step {unreadable[0]} is" if len(unreadable) == 1 else f"steps {', '.join(unreadable)} are")
+                warnings.warn(f"{self.directory}: checkpoint {which} unreadable ({'; '.join(failures)}); "
                               f"resuming from step {step}", stacklevel=2)
             return step, state, meta
         if failures:

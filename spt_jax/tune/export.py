@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from spt_jax.errors import ConfigError
+from spt_jax.system import read_text
 from spt_jax.tune.prompt import model_id
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,7 +77,7 @@ def import_peft(directory, lm=None) -> tuple[jax.Array, dict]:
         if not path.is_file():
             raise ConfigError(f"{directory}: missing {path.name} (expected a PEFT adapter directory)")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(read_text(config_path, "adapter config"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
     if config.get("peft_type") != "PROMPT_TUNING":
