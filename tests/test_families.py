@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as Spec
 
 from conftest import VARIANTS, variant_configs
 from spt_jax import models
-from spt_jax.models import gguf_io
+from spt_jax.models import gguf_header, gguf_io
 from spt_jax.models.families import (
     ANY_FAMILY_SHARDINGS,
     FAMILIES,
@@ -165,7 +165,7 @@ def test_gguf_load_parses_header_once_and_builds_config_once(tmp_path, monkeypat
 
         return spy
 
-    monkeypatch.setattr(gguf_io, "_parse_header", counting("header", gguf_io._parse_header))
+    monkeypatch.setattr(gguf_header, "_parse_header", counting("header", gguf_header._parse_header))
     monkeypatch.setattr(gguf_io, "_config_from_header", counting("hf_config", gguf_io._config_from_header))
     monkeypatch.setattr(models, "config_from_hf", counting("model_config", models.config_from_hf))
     lm = models.load(path)
@@ -173,7 +173,7 @@ def test_gguf_load_parses_header_once_and_builds_config_once(tmp_path, monkeypat
     assert lm.config.n_layers == 2 and lm.tokenizer.decode(lm.tokenizer("hello world")["input_ids"]) == "hello world"
 
     # the shared header serves config, tensors and tokenizer without another parse or config build
-    header = gguf_io.read_gguf_header(path)
+    header = gguf_header.read_gguf_header(path)
     assert gguf_io.read_gguf_config(header) is gguf_io.read_gguf_config(header)
     sum(1 for _ in gguf_io.iter_gguf_tensors(header))
     gguf_io.load_gguf_tokenizer(header)

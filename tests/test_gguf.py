@@ -23,7 +23,7 @@ import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from spt_jax.errors import ConfigError, MissingPackageError, WeightsError
-from spt_jax.models import embedded, gguf_io
+from spt_jax.models import embedded, gguf_header, gguf_io
 
 Q = gguf.GGMLQuantizationType
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def test_header_parser_agrees_with_gguf_reader(tiny_llama):
-    header = gguf_io.read_gguf_header(tiny_llama)
+    header = gguf_header.read_gguf_header(tiny_llama)
     reader = gguf.GGUFReader(tiny_llama)
     fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert set(header.metadata) == set(fields)
@@ -512,7 +512,7 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize("keep", ["data", "header"])
 def test_truncated_file_is_named(tiny_llama, tmp_path, keep):
     data = tiny_llama.read_bytes()
-    header = gguf_io.read_gguf_header(tiny_llama)
+    header = gguf_header.read_gguf_header(tiny_llama)
     cut = header.tensors[-1].offset + 10 if keep == "data" else 500  # 500: inside the vocabulary
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[:cut])
@@ -691,7 +691,7 @@ def test_smollm2_tensors_names_and_qk_layout():
 
     path = embedded.embedded_gguf_path("smollm2-135m-instruct")
     config = gguf_io.read_gguf_config(path)
-    stored = {t.name: t for t in gguf_io.read_gguf_header(path).tensors}
+    stored = {t.name: t for t in gguf_header.read_gguf_header(path).tensors}
     processor = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     layer = ["input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
              "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
@@ -712,7 +712,7 @@ def test_smollm2_tensors_names_and_qk_layout():
 @pytest.mark.slow
 def test_gemma3_tensors_hf_names_and_k_quants(gemma_path):
     config = gguf_io.read_gguf_config(gemma_path)
-    header = gguf_io.read_gguf_header(gemma_path)
+    header = gguf_header.read_gguf_header(gemma_path)
     stored = {t.name: t for t in header.tensors}
     types = set()
     names = []

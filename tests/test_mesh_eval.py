@@ -86,7 +86,8 @@ def worker_mesh8(model_dir: str, task_file: str, out: str) -> None:
     from spt_jax.generate import GenerationConfig, generate
     from spt_jax.scoring import choice_loglikelihoods, item_choice_loglikelihoods, score_continuations
     from spt_jax.tasks import get_task
-    from spt_jax.tune.mesh import kv_cache_shardings, mesh_from_spec
+    from spt_jax.prefix import batch_cache, prefix_cache
+    from spt_jax.tune.mesh import mesh_from_spec, on_mesh
     from test_generate import TEXTS, tiny_lm
 
     assert jax.device_count() == 8
@@ -132,9 +133,16 @@ def worker_mesh8(model_dir: str, task_file: str, out: str) -> None:
     run_all(jax.make_mesh((4, 2), ("data", "model")))
     report["recompiled_same_mesh"] = lm.compiled.compilations() - before
 
-    specs = {name: [tuple(s.spec) for s in kv_cache_shardings(tune.make_mesh(*shape), lm.config)]
-             for name, shape in (("4x2", (4, 2)), ("2x4", (2, 4)))}
-    report["kv_specs"] = {k: [[str(a) for a in spec] for spec in v] for k, v in specs.items()}
+    # the batch's KV cache as generation and scoring build it on a mesh (`OnMesh.kv_shardings`)
+    report["kv_specs"] = {}
+    for data, model_size in ((4, 2), (2, 4)):
+        on = on_mesh(lm, jax.make_mesh((data, model_size), ("data", "model")), 8, "batch")
+        kv = prefix_cache(lm, soft, "q: ", mesh=on.mesh, params=on.params).kv
+        with on.context():
+            cache = jax.jit(lambda kv: batch_cache(lm.config, kv, 8, 16, lm.dtype, on.kv_shardings(lm.config)))(kv)
+        report["kv_specs"][f"{data}x{model_size}"] = [
+            [str(a) for a in (*x.sharding.spec, *[None] * (x.ndim - len(x.sharding.spec)))] for x in (cache.k, cache.pos)
+        ]
 
     # -- bad meshes ---------------------------------------------------------------------------------
     errors = {}
@@ -202,9 +210,8 @@ def worker_mesh8(model_dir: str, task_file: str, out: str) -> None:
 
     # -- evaluate end to end: one device vs the four meshes (plain and sharded loads) ----------------
     task = get_task(task_file)
-    one = tune.make_mesh(1, 1, devices=jax.devices()[:1])
-    folder = Path(out).parent / "eval_single"
-    report["eval_single"] = comparable(ev.evaluate(plain, task, eval_config(one), folder, progress=False), folder)
+    folder = Path(out).parent / "eval_single"  # mesh None: generation on one device, unsharded
+    report["eval_single"] = comparable(ev.evaluate(plain, task, eval_config(None), folder, progress=False), folder)
     report["eval_sweep"] = {}
     for data, model_size in SHAPES:
         if model_size == 1:  # a plain model, JAX's own explicit mesh

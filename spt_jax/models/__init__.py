@@ -71,7 +71,7 @@ def load(
       shardings: maps the abstract parameter state to a matching pytree of shardings, so each
         tensor is placed on its devices as it is loaded (see `spt_jax.tune.mesh.param_shardings`).
     """
-    from spt_jax.models import embedded, gguf_io, hf_checkpoint
+    from spt_jax.models import embedded, gguf_header, gguf_io, hf_checkpoint
 
     dtype = resolve_dtype(dtype)
     param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
@@ -90,7 +90,7 @@ def load(
         tensors = hf_checkpoint.iter_safetensors(hf_checkpoint.safetensors_files(path))
         load_tokenizer = functools.partial(hf_checkpoint.load_tokenizer, path)
     else:
-        header = gguf_io.read_gguf_header(path)  # parsed once: config, tensors and tokenizer share it
+        header = gguf_header.read_gguf_header(path)  # parsed once: config, tensors and tokenizer share it
         hf_config = gguf_io.read_gguf_config(header)
         tensors = gguf_io.iter_gguf_tensors(header)
         load_tokenizer = functools.partial(gguf_io.load_gguf_tokenizer, header)

@@ -151,6 +151,7 @@ def capitals_mc() -> Task:
 # --------------------------------------------------------------------------------------------------
 
 _CAPITAL_SEED = 1234  # capitals_mc's: the three capital tasks split the facts alike
+_NAME_ANSWER = r"Answer: (?P<answer>\S+(?: \S+){0,4}?)\.?"
 
 
 def build_capital_questions(direction: str, seed: int = _CAPITAL_SEED) -> Splits:
@@ -179,9 +180,11 @@ def _free_form_capital_task(name: str, direction: str, what: str, description: s
         source=GeneratedSource(lambda: build_capital_questions(direction)),
         input_template="Question: {question}\n",
         target_template="Answer: {answer}",
-        format=FormatSpec(pattern=r"Answer: (?P<answer>[^\n]+?)\.?", mode="strict", stop_sequences=("\n",)),
+        # the answer is a name, not a sentence: at most five words (the longest in the data is
+        # "Saint Vincent and the Grenadines"), so "Answer: Malta is the capital of Malta." is a format failure
+        format=FormatSpec(pattern=_NAME_ANSWER, mode="strict", stop_sequences=("\n",)),
         answer=AnswerSpec(kind="string", aliases_field="aliases"),
-        instruction=f"Answer the question. Reply with one line: 'Answer: ' followed by the name of the {what}.",
+        instruction=f"Answer the question. Reply with one line: 'Answer: ' followed by only the name of the {what}.",
         max_new_tokens=12,
         description=description,
         cloze=ClozeSpec(context_template="Question: {question}\nAnswer:"),

@@ -164,7 +164,7 @@ def shard_rule(name: str, family: Family | None = None) -> ShardRule:
     if not matches:
         raise ShardingRuleError(
             f"parameter {name!r} matches no sharding rule of {label}; add a ShardRule "
-            "(REPLICATED if it stays whole) to the family's shardings in spt_jax/models/families.py"
+            "(REPLICATED if it stays whole) to the family's shardings in spt_jax/models/families/"
         )
     if len(matches) > 1:
         raise ShardingRuleError(
