@@ -133,16 +133,8 @@ def timestamped_dir(parent, label: str) -> Path:
         raise ConfigError(f"output path {parent} exists and is not a directory; choose another path")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     safe = safe_name(label) or "run"
-    for n in itertools.count(1):
-        candidate = parent / (f"{stamp}_{safe}" if n == 1 else f"{stamp}_{safe}-{n}")
-        try:
-            candidate.mkdir(parents=True, exist_ok=False)
-            return candidate
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise environment_fault(e, "cannot create the results folder", candidate) from None
-    raise AssertionError("unreachable")
+    names = (parent / (f"{stamp}_{safe}" if n == 1 else f"{stamp}_{safe}-{n}") for n in itertools.count(1))
+    return _first_new_folder(names, "cannot create the results folder")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,14 +186,19 @@ def _siblings(target: Path, marker: str) -> Iterator[Path]:
 
 def _new_sibling(target: Path, marker: str) -> Path:
     """A new, empty folder beside ``target`` (`_siblings`' first free name; mode from the umask)."""
-    for path in _siblings(target, marker):
+    return _first_new_folder(_siblings(target, marker), "cannot create a folder for the results")
+
+
+def _first_new_folder(candidates: Iterator[Path], doing: str) -> Path:
+    """Create the first of ``candidates`` that does not exist yet (atomic: mkdir fails on a taken name)."""
+    for path in candidates:
         try:
-            path.mkdir()
+            path.mkdir(parents=True)
             return path
         except FileExistsError:
             continue
         except OSError as e:
-            raise environment_fault(e, "cannot create a folder for the results", path) from None
+            raise environment_fault(e, doing, path) from None
     raise AssertionError("unreachable")
 
 
