@@ -124,7 +124,10 @@ class TuneCheckpoints:
             )
 
     def _kept(self) -> str:
-        steps = self.steps()
+        try:  # asked while a write has failed: Orbax may raise that failure again from here
+            steps = self.steps()
+        except Exception:
+            return ""
         return f"the finished checkpoints (steps {', '.join(map(str, steps))}) are intact" if steps else ""
 
     def steps(self) -> list[int]:
@@ -211,7 +214,10 @@ def _join_background_threads(timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     for thread in threading.enumerate():
         if type(thread).__name__ == "_SignalingThread" and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
+            try:  # Orbax's thread re-raises its write's failure on join: already reported, once
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
 
 
 def _failure(step: int, err: Exception) -> str:
