@@ -33,6 +33,7 @@ LAYERS = {
     "spt_jax.report": 6,
     "spt_jax.evaluate": 7,
     "spt_jax.cli": 8,
+    "spt_jax.cli_parser": 8,
 }
 
 
