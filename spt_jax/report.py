@@ -90,7 +90,8 @@ def headline_lines(results: Mapping) -> list[str]:
     for c in results.get("comparisons", []):
         if c["metric"] == "accuracy" and c["mode_a"] == "zero_shot":
             mode = _mode_name_label(c["mode_b"])
-            lines.append(f"{mode} vs zero-shot: accuracy {-c['difference']:+.3f}, McNemar p = {c['p_value']:.3g} "
+            gain = 0.0 - c["difference"]  # 0.0 - x: no "-0.000" for a tie
+            lines.append(f"{mode} vs zero-shot: accuracy {gain:+.3f}, McNemar p = {c['p_value']:.3g} "
                          f"(right only with {mode}: {c['c']} items, only zero-shot: {c['b']})")
     tuning = results.get("tuning") or {}
     if tuning.get("curve"):
