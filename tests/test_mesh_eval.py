@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tune_support import PYTHON, char_tokenizer, subprocess_env  # noqa: E402
+from tune_support import PYTHON, subprocess_env  # noqa: E402
+from tune_support import save_tiny_llama as _save_tiny_llama  # noqa: E402
 
 TIMEOUT_S = 400
 SHAPES = ((8, 1), (4, 2), (2, 4), (1, 8))
@@ -33,24 +34,7 @@ CLI_ARGS = ["--n-test", "4", "--k", "1", "--steps", "2", "--tune-batch-size", "4
 
 
 def save_tiny_llama(directory: Path) -> None:
-    """A tiny random Llama checkpoint (config.json + safetensors + char tokenizer) in ``directory``."""
-    import torch
-    import transformers
-
-    tokenizer = char_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,  # tied: it echoes "\n"
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, p.shape[-1] ** -0.5 if p.shape[0] != len(tokenizer) else 1.0)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    _save_tiny_llama(directory, max_position_embeddings=512, tie_word_embeddings=False)  # tied: it echoes "\n"
 
 
 def eval_config(mesh):

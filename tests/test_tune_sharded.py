@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tune_support import PYTHON, arithmetic_examples, char_tokenizer, subprocess_env  # noqa: E402
+from tune_support import PYTHON, arithmetic_examples, save_tiny_llama, subprocess_env  # noqa: E402
 
 TIMEOUT_S = 300
 
@@ -31,25 +31,6 @@ def tune_config():
                       init="text", init_text="calc")
 
 
-def save_tiny_llama(directory: Path) -> None:
-    """A tiny random Llama checkpoint (config.json + safetensors + tokenizer) in ``directory``."""
-    import torch
-    import transformers
-
-    tokenizer = char_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, p.shape[-1] ** -0.5 if p.shape[0] != len(tokenizer) else 1.0)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
 
 
 # ---------------------------------------------------------------- workers (run in subprocesses)

@@ -98,3 +98,25 @@ def subprocess_env(n_devices: int | None = None) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def save_tiny_llama(directory: Path, *, max_position_embeddings: int = 128, tie_word_embeddings: bool = True) -> None:
+    """A tiny random Llama checkpoint (config.json + safetensors + char tokenizer) in ``directory``,
+    its matrices scaled so greedy choices are sharp."""
+    import torch
+    import transformers
+
+    tokenizer = char_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, p.shape[-1] ** -0.5 if p.shape[0] != len(tokenizer) else 1.0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
