@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 benchmarks: $(STAMP)
-	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -15,6 +15,8 @@ and reported apart), in alternating timed passes, and must give the same outputs
 
 from __future__ import annotations
 
+from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+
 import argparse
 import os
 import statistics
@@ -51,6 +53,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode (after one warm-up)")
     parser.add_argument("--random-weights", action="store_true")
     args = parser.parse_args(argv)
+    print(machine_line(), flush=True)  # the CPU kind this result holds for
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
 
     from spt_jax import generate as gen

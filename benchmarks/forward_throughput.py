@@ -13,6 +13,8 @@ PyTorch side, runs both sides, checks they produce the same logits and prints on
 
 from __future__ import annotations
 
+from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+
 import argparse
 import json
 import os
@@ -263,6 +265,7 @@ def main(argv=None) -> None:
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    print(machine_line(), flush=True)  # the CPU kind this result holds for
 
     if args.side:
         result = run_jax(args) if args.side == "jax" else run_torch(args)

@@ -19,6 +19,8 @@ get the same batches: the prompts sorted by length, as `spt_jax.generate` would 
 
 from __future__ import annotations
 
+from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+
 import argparse
 import json
 import os
@@ -184,6 +186,7 @@ def main(argv=None) -> None:
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    print(machine_line(), flush=True)  # the CPU kind this result holds for
 
     if args.side:
         serve(args)

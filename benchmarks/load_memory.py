@@ -11,6 +11,8 @@ load paths (e.g. the full `spt_jax.models.load`) as module-level functions and l
 
 from __future__ import annotations
 
+from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+
 import argparse
 import multiprocessing
 import resource
@@ -115,6 +117,7 @@ def main(argv=None) -> None:
     parser.add_argument("--without-torch", action="store_true", help="hide torch, as on a torch-free install")
     parser.add_argument("--path", help="GGUF file (default: the embedded Gemma-3-270M, assembled if needed)")
     args = parser.parse_args(argv)
+    print(machine_line(), flush=True)  # the CPU kind this result holds for
     path = args.path or measure(gemma_path)["result"]
     file_mib = Path(path).stat().st_size / 2**20
     print(f"file: {path} ({file_mib:.0f} MiB), dtype {args.dtype}, torch {'hidden' if args.without_torch else 'importable'}")

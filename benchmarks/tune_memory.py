@@ -11,6 +11,8 @@ Run: ``python benchmarks/tune_memory.py`` (``--steps N``, default 80).
 
 from __future__ import annotations
 
+from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+
 import argparse
 import json
 import os
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print(machine_line(), flush=True)  # the CPU kind this result holds for
     if args.child:
         child(args.steps)
         return

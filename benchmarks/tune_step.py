@@ -17,6 +17,8 @@ Targets: spt_jax step <= 0.7x PEFT's; <= 2x the compute bound. Run: ``python ben
 
 from __future__ import annotations
 
+from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+
 import argparse
 import os
 import statistics
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    print(machine_line(), flush=True)  # the CPU kind this result holds for
 
     rows = make_rows()
     with tempfile.TemporaryDirectory() as tmp:
