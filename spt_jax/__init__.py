@@ -1,15 +1,17 @@
 """spt_jax: fair, cheap LLM benchmark evaluation by soft-prompt tuning, in JAX.
 
-The data flow, one module a step: ``tasks`` (a benchmark and its answer format) -> ``tune`` (batches,
-a frozen LM from ``models`` with a trainable prompt prefix, the loss) -> ``generate`` -> the task's
-parser -> ``metrics``; ``evaluate`` runs the whole protocol and ``cli`` is the ``spt-jax`` command.
+The data flow, one module a step (docs/architecture.md): ``tasks`` (a benchmark, its prompts and
+answer format) -> ``sequence`` (the one token layout) -> a frozen LM from ``models`` with a prompt
+prefix (``prefix``) -> ``tune`` (the loss) / ``generate`` / ``scoring`` -> the task's parser ->
+``metrics`` -> ``report``; ``evaluate`` runs the protocol over its modes and ``cli`` is ``spt-jax``.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("models", "tune", "tasks", "metrics", "generate", "scoring", "evaluate", "report")
+_SUBMODULES = ("models", "tune", "tasks", "sequence", "prefix", "metrics", "generate", "scoring", "evaluate",
+               "report")
 
 
 def __getattr__(name):
