@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from spt_jax.errors import ConfigError
-from spt_jax.evaluate.modes import get_mode, mode_label
+from spt_jax.evaluate.modes import ZeroShot, get_mode, mode_label
 from spt_jax.metrics import METRICS
 
 METRIC_LABELS = {m.name: m.label for m in METRICS}
@@ -88,7 +88,7 @@ def headline_lines(results: Mapping) -> list[str]:
     reference's knowledge next to the soft prompt's, and where format validity saturated."""
     lines = []
     for c in results.get("comparisons", []):
-        if c["metric"] == "accuracy" and c["mode_a"] == "zero_shot":
+        if c["metric"] == "accuracy" and c["mode_a"] == ZeroShot.name:
             mode = _mode_name_label(c["mode_b"])
             gain = 0.0 - c["difference"]  # 0.0 - x: no "-0.000" for a tie
             lines.append(f"{mode} vs zero-shot: accuracy {gain:+.3f}, McNemar p = {c['p_value']:.3g} "

@@ -227,11 +227,9 @@ class SoftPrompt(GenerationMode):
     def run(self, ctx) -> ModeRun:
         """The first prompt's run; with ``config.seeds > 1`` the other seeds' runs ride along."""
         first = super().run(ctx)
-        if ctx.saved_prompt is None:
-            for offset in range(1, ctx.config.seeds):
-                ctx.seed_offset = offset
-                first.seed_runs.append(super().run(ctx))
-            ctx.seed_offset = 0
+        if ctx.saved_prompt is None:  # each further seed sees the same context, its own offset
+            first.seed_runs = [GenerationMode.run(self, dataclasses.replace(ctx, seed_offset=offset))
+                               for offset in range(1, ctx.config.seeds)]
         return first
 
     def prepare(self, ctx) -> Prepared:
@@ -240,8 +238,7 @@ class SoftPrompt(GenerationMode):
                       "tune_time_s": 0.0}
             prompt, tuned = ctx.saved_prompt, False
         else:
-            prompt, tuning = ctx.tune_prompt(ctx.seed_offset)
-            tuning["tune_seed"] = ctx.config.tune.seed + ctx.seed_offset
+            prompt, tuning = ctx.tune_prompt()
             tuned = True
         return Prepared(inputs=[ctx.wrap(ctx.task.render_input(r)) for r in ctx.records], soft_prompt=prompt,
                         fields={"tuning_steps": tuning["steps"]}, tuning=tuning, tuned=tuned)

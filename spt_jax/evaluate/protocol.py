@@ -21,6 +21,7 @@ from spt_jax.evaluate import results as res
 from spt_jax.evaluate.config import EvalConfig
 from spt_jax.evaluate.folders import Staging, output_folder, writes_results
 from spt_jax.evaluate.modes import ModeRun, get_mode, reference_modes, score_outputs
+from spt_jax.tune.stopping import saturation_step
 
 
 def _default_generate(*args, **kwargs):
@@ -173,8 +174,6 @@ def last_loss(history: Sequence[Mapping]):
 def tuning_record(result, curve: list[dict], tune_time: float) -> dict:
     """What results.json's ``tuning`` (and tuning.json) say about a tuning run."""
     history = res.jsonable(result.history or [])
-    from spt_jax.tune.stopping import saturation_step
-
     config = result.config  # every run reports where validity saturated, stopped there or not
     saturated = saturation_step([(p["step"], p["format_validity"]) for p in curve], config.stop_threshold,
                                 config.stop_patience)
@@ -200,7 +199,7 @@ class EvalContext:
     progress: bool = False
     saved_prompt: Any = None
     shared: dict = dataclasses.field(default_factory=dict)  # work several modes of this run reuse
-    seed_offset: int = 0  # which of config.seeds prompts the soft-prompt mode is tuning
+    seed_offset: int = 0  # which of config.seeds prompts the soft-prompt mode is tuning (set by replace)
     mesh: Any = None  # the jax.sharding.Mesh generation, scoring and tuning run on (None: one device)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -247,15 +246,14 @@ class EvalContext:
     def curve_records(self):
         return curve_records(self.task, self.config.n_curve, self.config.seed)
 
-    def tune_prompt(self, seed_offset: int = 0):
-        """Tune a prompt now (with ``tune.seed + seed_offset``): ``(prompt, tuning record)``."""
+    def tune_prompt(self):
+        """Tune a prompt now, with ``tune.seed + seed_offset``: ``(prompt, tuning record)``."""
         t0 = time.perf_counter()
-        config = self.config
-        if seed_offset:
-            config = config.replace(tune=config.tune.replace(seed=config.tune.seed + seed_offset))
+        seed = self.config.tune.seed + self.seed_offset
+        config = self.config.replace(tune=self.config.tune.replace(seed=seed))
         result, curve = tune_soft_prompt(self.lm, self.task, config, backends=self.backends,
                                          progress=self.progress, mesh=self.mesh)
-        return result.prompt, tuning_record(result, curve, time.perf_counter() - t0)
+        return result.prompt, {**tuning_record(result, curve, time.perf_counter() - t0), "tune_seed": seed}
 
 
 def modes_to_run(task, config: EvalConfig) -> list:

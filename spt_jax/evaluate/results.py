@@ -23,7 +23,7 @@ import numpy as np
 
 from spt_jax import metrics
 from spt_jax.errors import ConfigError, DataError, environment_fault
-from spt_jax.evaluate.modes import ModeRun, get_mode
+from spt_jax.evaluate.modes import ModeRun, ZeroShot, get_mode
 from spt_jax.system import read_text
 
 SCHEMA_VERSION = 1
@@ -180,7 +180,7 @@ def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
     mode = next((m for m, run in runs.items() if run.seed_runs), None)
     if mode is None:
         return None
-    baseline = runs.get("zero_shot")
+    baseline = runs.get(ZeroShot.name)
     per_seed = []
     for run in [runs[mode], *runs[mode].seed_runs]:
         valid = np.array([r["valid"] for r in run.scored], bool)
