@@ -166,8 +166,9 @@ def tune(
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 stopping = run.saturated_at is not None
                 if checkpoints is not None and (stopping or _due(step, config.checkpoint_every, config.steps)):
+                    # copies: Orbax writes the JSON in the background, while the next steps append
                     meta = {"step": step, "data_state": run.order.state(), "config": config.to_dict(),
-                            "model": model_meta, "history": run.history,
+                            "model": model_meta, "history": list(run.history),
                             "evaluations": [e.to_dict() for e in run.evaluations]}
                     checkpoints.save(step, run.prompt, run.opt_state, meta)
                     run.last_saved = step
