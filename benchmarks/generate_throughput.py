@@ -186,11 +186,10 @@ def main(argv=None) -> None:
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    print(machine_line(), flush=True)  # the CPU kind this result holds for
-
-    if args.side:
+    if args.side:  # a worker: its stdout is the protocol
         serve(args)
         return
+    print(machine_line(), flush=True)  # the CPU kind this result holds for
 
     with tempfile.TemporaryDirectory(prefix="spt_gen_bench_") as tmp:
         args.workdir = Path(tmp)

@@ -5,8 +5,9 @@ tokens, answers of 1..8 tokens (EOS included). Both sides use the same weights: 
 SmolLM2-135M-Instruct GGUF, dequantized by spt_jax and by transformers (``gguf_file=``); without the
 embedded model, a random SmolLM2-135M-shaped Llama saved once with ``save_pretrained`` (step time
 does not depend on weight values). Same token ids, same thread count. PEFT pads a batch to its
-longest row and projects every position onto the vocabulary; spt_jax pads to a length bucket and
-projects only the target positions.
+longest row and projects every position onto the vocabulary; spt_jax pads to the bucket `tune`
+fits to the run's batches (for one batch: its longest row), projects only the target positions, and
+recomputes activations only when they would pass its memory budget (``remat="auto"``).
 
 Compute bound: the FLOPs one step must do (forward, plus backward to the inputs only: the weights
 are frozen) divided by the float32 rate XLA reaches on this model's own matmul shapes, jitted.
@@ -20,6 +21,7 @@ from __future__ import annotations
 from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -99,12 +101,15 @@ def spt_jax_step(lm, rows):
     import jax
 
     from spt_jax import tune
-    from spt_jax.sequence import Encoded, Layout, tuning_buckets
+    from spt_jax.sequence import Encoded, Layout, closed_buckets, fit_buckets
     from spt_jax.tune.mesh import replicated
 
-    config = tune.TuneConfig(prompt_length=P, batch_size=B)
-    layout = Layout(bos=(1,), eos=(), pad_id=2, prompt_length=P, max_length=512, buckets=tuning_buckets(512))
-    batch = layout.training_batch([Encoded((*inp,), (*ans,), 0) for inp, ans in rows])
+    config = tune.TuneConfig(prompt_length=P, batch_size=B)  # remat="auto", as `tune` runs it
+    encoded = [Encoded((*inp,), (*ans,), 0) for inp, ans in rows]
+    layout = Layout(bos=(1,), eos=(), pad_id=2, prompt_length=P, max_length=512, buckets=(512,))
+    # the buckets `tune` fits to a run's batches (here: one batch, so its own longest row)
+    buckets = closed_buckets(fit_buckets([max(map(layout.row_length, encoded))]), 512)
+    batch = dataclasses.replace(layout, buckets=buckets).training_batch(encoded)
     mesh = tune.make_mesh(1, 1, devices=jax.devices()[:1])
     step = tune.make_train_step(lm, config, mesh)
     prompt = jax.device_put(tune.init_prompt(lm, config), replicated(mesh))
@@ -211,6 +216,7 @@ def main() -> None:
         theirs += time_calls(theirs_step, 1)
         rates += [max(sample_rate() for _ in range(3))]
     compilations = train_step.compilations
+    from spt_jax.tune.step import resolve_remat
 
     n_targets = int(batch["target_mask"].sum())
     flops = step_flops(lm.config, T, B * A)
@@ -221,8 +227,8 @@ def main() -> None:
           f"answers <= {MAX_ANSWER} "
           f"tokens ({n_targets} target tokens); {os.cpu_count()} cores, torch threads {args.threads}")
     print(f"spt_jax : {ours_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(ours) * 1e3:.1f}), "
-          f"padded length {T} (bucket), answer width {A}, first call {compile_s:.1f} s, "
-          f"compilations {compilations}")
+          f"padded length {T} (fitted bucket), answer width {A}, first call {compile_s:.1f} s, "
+          f"compilations {compilations}, remat {resolve_remat('auto', lm.config, B, T)}")
     print(f"PEFT    : {theirs_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(theirs) * 1e3:.1f}), "
           f"length {P + peft_len} (prompt + longest row)")
     print(f"compute bound: {flops / 1e9:.1f} GFLOP/step at {rate / 1e9:.1f} GFLOP/s median, "

@@ -52,6 +52,38 @@ def tuning_buckets(max_length: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
 
 
+# What a new padded length costs to compile, in steps at the run's typical length (a CPU tuning
+# step of SmolLM2-135M takes ~2 s, its compilation ~5 s; on accelerators a step is cheaper still).
+BUCKET_COMPILE_STEPS = 3.0
+
+
+def fit_buckets(lengths: Sequence[int], compile_steps: float = BUCKET_COMPILE_STEPS) -> tuple[int, ...]:
+    """The padded lengths that minimise the work of a run whose steps have these longest rows.
+
+    A step padded to length T costs ~T (a tuning step's FLOPs grow linearly in T at these sizes),
+    and each bucket costs one compilation, ``compile_steps`` steps at the mean length. Buckets are
+    chosen among the lengths themselves by exact dynamic programming over their sorted distinct
+    values, so the longest row of every step fits and no step pads past the next distinct length
+    the plan kept.
+    """
+    if not len(lengths):
+        raise ConfigError("fit_buckets needs the length of at least one step")
+    values, counts = np.unique(np.asarray(lengths, np.int64), return_counts=True)
+    penalty = compile_steps * float(np.mean(lengths))
+    cum = np.concatenate([[0], np.cumsum(counts)])
+    # best[j]: least cost covering values[:j]; the bucket values[j-1] covers values[i:j]
+    best, cut = np.zeros(len(values) + 1), np.zeros(len(values) + 1, np.int64)
+    for j in range(1, len(values) + 1):
+        costs = [best[i] + values[j - 1] * (cum[j] - cum[i]) + penalty for i in range(j)]
+        cut[j] = int(np.argmin(costs))
+        best[j] = costs[cut[j]]
+    chosen, j = [], len(values)
+    while j > 0:
+        chosen.append(int(values[j - 1]))
+        j = cut[j]
+    return tuple(sorted(chosen))
+
+
 def check_buckets(buckets: Sequence[int]) -> None:
     if not buckets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1
                           for b in buckets):

@@ -20,7 +20,9 @@ from tune_support import arithmetic_examples, tiny_lm
 
 from spt_jax import tune
 from spt_jax.errors import ConfigError, DataError, SptError
-from spt_jax.sequence import MIN_ANSWER_WIDTH, Encoded, bucket_length, encode, pow2_width, tuning_buckets
+from spt_jax.sequence import (
+    MIN_ANSWER_WIDTH, Encoded, bucket_length, encode, fit_buckets, pow2_width, tuning_buckets,
+)
 from spt_jax.tune.checkpoint import TuneCheckpoints
 from spt_jax.tune.data import DataOrder, ExampleEncoder, as_pairs, tuning_layout
 from spt_jax.tune.mesh import spec_for
@@ -466,3 +468,84 @@ def test_neighbouring_seeds_see_unrelated_example_streams():
     assert all(sorted(epoch) == list(range(n)) for s in epochs for epoch in epochs[s])
     assert not any(a == b for a in epochs[0] for b in epochs[1])
     assert DataOrder(n, 7).take(n) == DataOrder(n, 7).take(n)  # still a pure function of the seed
+
+
+# ---------------------------------------------------------------- fitted buckets and remat
+
+
+def _plan_cost(lengths, buckets, penalty):
+    return sum(bucket_length(n, buckets) for n in lengths) + penalty * len(buckets)
+
+
+def test_fitted_buckets_are_the_cheapest_plan():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = rng.integers(20, 40, rng.integers(1, 25)).tolist()
+        fitted = fit_buckets(lengths, compile_steps=1.5)
+        assert max(fitted) == max(lengths) and set(fitted) <= set(lengths)
+        penalty = 1.5 * np.mean(lengths)
+        values = sorted(set(lengths))
+        best = min(  # brute force over every subset that holds the longest row
+            _plan_cost(lengths, (*subset, values[-1]), penalty)
+            for r in range(len(values))
+            for subset in itertools.combinations(values[:-1], r)
+        )
+        assert _plan_cost(lengths, fitted, penalty) == pytest.approx(best)
+    assert fit_buckets([83] * 10) == (83,)  # one length: no padding at all
+    assert len(fit_buckets(list(range(30, 200)), compile_steps=1e9)) == 1  # compiling dearer than padding
+    with pytest.raises(ConfigError, match="at least one step"):
+        fit_buckets([])
+
+
+def test_tuning_pads_each_step_only_to_a_fitted_bucket(lm):
+    pairs = [("1+1=", " 2"), ("12+3=", " 15"), ("123+45=", " 168")] * 8
+    result = tune.tune(lm, pairs, CONFIG.replace(steps=4), progress=False)
+    layout = tuning_layout(lm, CONFIG)
+    encoder = ExampleEncoder(lm.tokenizer, pairs, layout)
+    order = DataOrder(len(pairs), CONFIG.seed)
+    longest = [max(layout.row_length(encoder(i)) for i in order.take(CONFIG.batch_size)) for _ in range(4)]
+    used = result.metadata["length_buckets_used"]
+    assert set(used) <= set(longest) and max(used) == max(longest)  # exact lengths, never a table's
+    fixed = tune.tune(lm, pairs, CONFIG.replace(steps=4, length_buckets=(32, 64)), progress=False)
+    assert fixed.metadata["length_buckets_used"] == [32]
+    np.testing.assert_allclose(result.prompt, fixed.prompt, rtol=2e-5, atol=2e-6)  # padding is inert
+
+
+def test_activation_estimate_tracks_xla_and_decides_remat():
+    from spt_jax.tune import step as step_module
+    from tune_support import tiny_config
+
+    lm = tiny_lm(tie_embeddings=False)
+    def xla_temp_bytes(remat, T):
+        config = CONFIG.replace(remat=remat)
+        train_step = tune.make_train_step(lm, config)
+        rows = [Encoded(tuple(range(5, T - P - 5)), (7, 8, 9), 0)] * CONFIG.batch_size
+        batch = tuning_layout(lm, config.replace(length_buckets=(T,))).training_batch(rows)
+        prompt = tune.init_prompt(lm, config)
+        compiled = train_step.jitted.lower(prompt, train_step.init(prompt), lm.params, batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    for remat in ("none", "dots"):  # what grows with the length (the rest is the head's, the optimizer's)
+        grown = xla_temp_bytes(remat, 192) - xla_temp_bytes(remat, 64)
+        estimate = (step_module.activation_bytes(lm.config, CONFIG.batch_size, 192, remat)
+                    - step_module.activation_bytes(lm.config, CONFIG.batch_size, 64, remat))
+        assert 0.5 < estimate / grown < 2.0, (remat, estimate, grown)
+    stored = [step_module.activation_bytes(lm.config, 8, 64, r) for r in ("none", "dots", "full")]
+    assert stored == sorted(stored, reverse=True)
+    big = tiny_config(d_model=2048, d_ff=8192, n_layers=24)
+    assert step_module.resolve_remat("auto", big, 8, 512) == "full"  # ~3 GiB even of projections
+    assert step_module.resolve_remat("auto", lm.config, 8, 64) == "dots"
+    assert step_module.resolve_remat("none", big, 8, 512) == "none"
+    assert tune.TuneConfig(remat=True).remat == "full" and tune.TuneConfig(remat=False).remat == "none"
+    with pytest.raises(ConfigError, match="remat"):
+        tune.TuneConfig(remat="sometimes")
+
+
+def test_every_remat_policy_gives_the_same_gradient(lm):
+    pairs = arithmetic_examples(8)
+    prompts = [tune.tune(lm, pairs, CONFIG.replace(steps=2, remat=r), progress=False).prompt
+               for r in ("none", "dots", "full")]
+    for other in prompts[1:]:
+        np.testing.assert_allclose(prompts[0], other, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,10 @@ from spt_jax.models.config import ModelConfig, RopeConfig
 
 _NO_WINDOW = 2**30  # a window wider than any context: global attention
 _MASKED = -1e30  # finite, so a fully masked (padding) query row softmaxes to uniform, not NaN
+# What a rematerialized layer keeps for the backward pass (the rest it recomputes): "full" keeps only
+# its input; "dots" also keeps every weight projection's output (q/k/v/o, gate/up/down) and
+# recomputes norms, rotary embeddings, attention and activations, which are cheap next to the GEMMs.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -229,7 +233,7 @@ class DecoderLM(nnx.Module):
         valid: jax.Array,  # [B, T] bool, False on padding
         cache: KVCache | None = None,
         *,
-        remat: bool = False,
+        remat: str = "none",
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states ``[B, T, D]`` and the cache with these T tokens appended."""
         c = self.config
@@ -262,8 +266,8 @@ class DecoderLM(nnx.Module):
             block = nnx.merge(graphdef, state)
             return block(x, rope, positions, window, kv_pos, layer_cache, cache_index)
 
-        if remat:
-            layer = jax.checkpoint(layer, prevent_cse=False)
+        if remat != "none":  # "full" or "dots" (`REMAT_POLICIES`)
+            layer = jax.checkpoint(layer, prevent_cse=False, policy=REMAT_POLICIES[remat])
         xs = (layer_states, windows, jnp.asarray(is_local), layer_caches)
         x, new_caches = jax.lax.scan(layer, x, xs)
         x = self.final_norm(x)

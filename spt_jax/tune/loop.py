@@ -145,6 +145,8 @@ def tune(
     try:
         if checkpoints is not None:
             _resume(run, checkpoints, config, model_meta, len(pairs), repl)
+        if config.length_buckets is None:  # exact lengths for this run's own batches
+            encoder.fit_buckets_to(run.order, config.steps - run.step, config.batch_size)
         if run.step == 0 and evaluator is not None:
             run.evaluations.append(_evaluate(evaluator, 0, run.prompt))
 
