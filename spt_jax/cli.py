@@ -101,7 +101,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", log=None, shardings
 
 def _evaluate_command(args, config, label_mode: str) -> int:
     from spt_jax.evaluate import check_inputs, evaluate
-    from spt_jax.report import headline_lines, results_table, seeds_table
+    from spt_jax.report import headline_lines, results_table, seeds_table, timing_line
     from spt_jax.tasks import get_task
 
     log = _log(args)
@@ -122,6 +122,7 @@ def _evaluate_command(args, config, label_mode: str) -> int:
         print(seeds_table(results))
     for line in headline_lines(results):
         print(line)
+    print(timing_line(results))
     print(f"results: {out.target}")
     return 0
 

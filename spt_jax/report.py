@@ -106,6 +106,19 @@ def headline_lines(results: Mapping) -> list[str]:
     return lines
 
 
+def timing_line(results: Mapping) -> str:
+    """``time: load 3.2 s, zero-shot 41.3 s (compile 6.1 s), ...; total 8.7 min`` from results["timing"]."""
+    timing = results.get("timing")
+    if not timing:
+        return ""
+    parts = [f"load {fmt_seconds(timing['load_s'])}"] if _is_number(timing.get("load_s")) else []
+    for name, entry in timing["modes"].items():
+        inner = [f"tuning {fmt_seconds(entry['tune_s'])}"] if _is_number(entry.get("tune_s")) else []
+        inner.append(f"compile {fmt_seconds(entry['compile_s'])}")
+        parts.append(f"{_mode_name_label(name)} {fmt_seconds(entry['wall_s'])} ({', '.join(inner)})")
+    return f"time: {', '.join(parts)}; total {fmt_seconds(timing['total_s'])}"
+
+
 def seeds_table(results: Mapping) -> str:
     """One row per independently tuned prompt, then the mean and range over seeds."""
     block = results.get("seeds")
@@ -164,6 +177,8 @@ def results_markdown(results: Mapping) -> str:
         if _is_number(tuning.get("tune_time_s")):
             detail.append(f"tuning time: {fmt_seconds(tuning['tune_time_s'])}")
         parts.append("\nSoft prompt -- " + ", ".join(detail) + "\n")
+    if results.get("timing"):
+        parts.append("\n" + timing_line(results) + "\n")
     versions = results.get("versions", {})
     parts.append("\nVersions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None) + "\n")
     return "".join(parts)

@@ -164,6 +164,15 @@ def test_results_json_schema(full_run):
     assert by_mode["few_shot"]["k"] == 2 and by_mode["few_shot"]["prefix_text"].count("Q: ") == 2
     assert by_mode["soft_prompt"]["tuning_steps"] == 3
     assert by_mode["loglik"]["reference"] is True
+    timing = loaded["timing"]  # where the time went: every mode, its compilation, the tuning inside
+    assert list(timing["modes"]) == modes
+    for mode, entry in timing["modes"].items():
+        assert entry["wall_s"] == by_mode[mode]["wall_time_s"] and 0 <= entry["compile_s"] <= entry["wall_s"]
+    assert timing["modes"]["soft_prompt"]["tune_s"] == loaded["tuning"]["tune_time_s"]
+    assert timing["compile_s"] > 0  # this run compiled its first generation, scoring and tuning steps
+    assert timing["evaluate_s"] == loaded["wall_time_s"] and timing["total_s"] >= timing["evaluate_s"]
+    assert report.timing_line(loaded).startswith("time: ") and "tuning" in report.timing_line(loaded)
+    assert report.timing_line(loaded) in (out / ev.REPORT_FILE).read_text()
     tuning = loaded["tuning"]
     assert tuning["source"] == "tuned" and tuning["steps"] == 3 and tuning["tune_time_s"] > 0
     assert tuning["tune_config"]["steps"] == 3 and tuning["tune_config"]["eval_every"] == 2

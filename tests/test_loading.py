@@ -51,6 +51,7 @@ def test_loads_config_weights_and_tokenizer(tiny_hf_checkpoint):
     assert lm.config.model_type == "llama"
     assert (lm.config.n_layers, lm.config.d_model, lm.config.vocab_size) == (2, 64, 128)
     assert lm.name == str(directory)
+    assert lm.load_time_s > 0  # results.json's timing starts here
     assert lm.n_params == sum(p.numel() for p in torch_model.parameters())
     assert lm.tokenizer("w5 w6 w7")["input_ids"] == [5, 6, 7]
     q = torch_model.model.layers[1].self_attn.q_proj.weight.detach().numpy()  # [H d, D]

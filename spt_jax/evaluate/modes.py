@@ -33,6 +33,7 @@ class ModeRun:
     tuning: dict | None = None  # how the soft prompt was obtained, for results["tuning"]
     soft_prompt: Any = None  # a prompt tuned in this run, written to the results folder
     wall_time_s: float = 0.0
+    compile_time_s: float = 0.0  # of wall_time_s, the part JAX spent compiling
     seed_runs: list = dataclasses.field(default_factory=list)  # further independently tuned prompts
 
 

@@ -21,6 +21,7 @@ from spt_jax.evaluate import results as res
 from spt_jax.evaluate.config import EvalConfig
 from spt_jax.evaluate.folders import Staging, output_folder, writes_results
 from spt_jax.evaluate.modes import ModeRun, get_mode, reference_modes, score_outputs
+from spt_jax.models.compiled import CompileClock
 from spt_jax.tune.stopping import saturation_step
 
 
@@ -322,8 +323,10 @@ def evaluate(
     for mode in modes_to_run(task, config):
         log(mode.announce(ctx))
         t0 = time.perf_counter()
-        runs[mode.name] = mode.run(ctx)
+        with CompileClock() as compiling:
+            runs[mode.name] = mode.run(ctx)
         runs[mode.name].wall_time_s = time.perf_counter() - t0
+        runs[mode.name].compile_time_s = compiling.seconds
 
     results = res.assemble(lm, task, config, ctx.items, runs, time.perf_counter() - started)
     if out is not None:

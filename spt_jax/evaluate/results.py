@@ -201,6 +201,20 @@ def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
     return {"mode": mode, "n_seeds": len(per_seed), "per_seed": per_seed, **spread}
 
 
+def timing(lm, runs: Mapping[str, ModeRun], wall_time: float) -> dict:
+    """Where the run's time went: loading the model, then each mode (its compilation and, for the
+    soft prompt, its tuning apart), in seconds."""
+    modes = {}
+    for name, run in runs.items():
+        entry = {"wall_s": run.wall_time_s, "compile_s": run.compile_time_s}
+        if run.tuning is not None and run.tuning.get("tune_time_s") is not None:
+            entry["tune_s"] = run.tuning["tune_time_s"]
+        modes[name] = entry
+    load = getattr(lm, "load_time_s", None)
+    return {"load_s": load, "modes": modes, "compile_s": sum(m["compile_s"] for m in modes.values()),
+            "evaluate_s": wall_time, "total_s": wall_time + (load or 0.0)}
+
+
 def assemble(lm, task, config, items, runs: Mapping[str, ModeRun], wall_time: float) -> dict:
     """The content of results.json (docs/results_schema.md)."""
     model = model_info(lm)
@@ -221,6 +235,7 @@ def assemble(lm, task, config, items, runs: Mapping[str, ModeRun], wall_time: fl
         "tuning": tuning,
         "seeds": seeds_summary(runs, config),
         "wall_time_s": wall_time,
+        "timing": timing(lm, runs, wall_time),
         "files": {},
     }
 

@@ -6,7 +6,9 @@ checkpoint directory (config.json + safetensors) or a ``.gguf`` file, and return
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -71,6 +73,12 @@ def load(
       shardings: maps the abstract parameter state to a matching pytree of shardings, so each
         tensor is placed on its devices as it is loaded (see `spt_jax.tune.mesh.param_shardings`).
     """
+    started = time.perf_counter()
+    lm = _load(name_or_path, dtype, param_dtype, shardings)
+    return dataclasses.replace(lm, load_time_s=time.perf_counter() - started)
+
+
+def _load(name_or_path, dtype, param_dtype, shardings) -> LM:
     from spt_jax.models import embedded, gguf_header, gguf_io, hf_checkpoint
 
     dtype = resolve_dtype(dtype)

@@ -52,3 +52,34 @@ class CompileCache:
     def compilations(self, name: str | None = None) -> int:
         """Compilations of the function ``name`` (all functions when None)."""
         return sum(self.traces.values()) if name is None else self.traces[name]
+
+
+# JAX's own compile-time events: tracing to a jaxpr, lowering to MLIR, the XLA backend compile.
+_COMPILE_EVENTS = frozenset({
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+})
+
+
+class CompileClock:
+    """Seconds JAX spent compiling (tracing, lowering, XLA) while the ``with`` block ran.
+
+    It listens to `jax.monitoring`'s duration events only inside the block, so a run can say how
+    much of each phase's wall time was compilation rather than work.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _listen(self, event: str, duration: float, **_) -> None:
+        if event in _COMPILE_EVENTS:
+            self.seconds += duration
+
+    def __enter__(self) -> CompileClock:
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+

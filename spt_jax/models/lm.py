@@ -30,6 +30,7 @@ class LM:
     params: nnx.State
     tokenizer: object  # a transformers PreTrainedTokenizerBase
     dtype: jnp.dtype = jnp.float32
+    load_time_s: float | None = dataclasses.field(default=None, compare=False)  # set by `models.load`
     # Not an init field: `dataclasses.replace(lm, ...)` gives the new model a fresh cache of its own.
     compiled: CompileCache = dataclasses.field(default_factory=CompileCache, init=False, compare=False, repr=False)
 
