@@ -265,6 +265,12 @@ def test_seeds_tune_independent_prompts_and_report_each_and_their_spread(tmp_pat
     assert "mean [min, max] of 3" in report.seeds_table(results)
     assert ev.evaluate(make_tiny_lm(), toy_task(), config.replace(seeds=1), None, progress=False,
                        backends=ev.Backends(generate=generate))["seeds"] is None
+    # every seed reports where its validity curve saturated, with no stopping rule set
+    curved = config.replace(eval_every=1, n_curve=2, seeds=2, tune=tune.replace(steps=3))
+    always_valid = lambda lm, texts, **_: ["A: B"] * len(texts)  # noqa: E731
+    block = ev.evaluate(make_tiny_lm(), toy_task(), curved, None, progress=False,
+                        backends=ev.Backends(generate=always_valid))["seeds"]
+    assert [e["saturated_at_step"] for e in block["per_seed"]] == [0, 0]  # always valid: saturated at once
 
 
 def test_task_files_declare_cloze_and_lm_eval_forms(tmp_path):

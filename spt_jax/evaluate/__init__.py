@@ -10,7 +10,8 @@ log-likelihood choice accuracy of multiple-choice tasks) add format-free rows. M
 * `results`  -- the files of a results folder: results.json assembly, writing and loading
   (docs/results_schema.md);
 * `folders`  -- where outputs go: guarded, locked, staged folders renamed into place when complete;
-* `compare`  -- models x tasks from a config file and rank correlations between modes.
+* `compare`  -- models x tasks from a config file and rank correlations between modes;
+  `mode_correlations` ranks your own checkpoints' per-mode scores against a target score.
 """
 
 from spt_jax.evaluate.compare import (
@@ -19,6 +20,8 @@ from spt_jax.evaluate.compare import (
     compare,
     compare_config_from_dict,
     load_compare_config,
+    mode_correlations,
+    mode_scores,
     rank_correlations,
 )
 from spt_jax.evaluate.config import TUNE_SHORTCUTS, EvalConfig, eval_config_from_dict, tune_config_with
@@ -64,7 +67,8 @@ __all__ = [
     "ModeRun", "ModelSpec", "PREDICTIONS_FILE", "PROMPT_FILE", "Prepared", "REPORT_FILE", "RESULTS_FILE",
     "SCHEMA_VERSION", "Staging", "TUNE_SHORTCUTS", "TUNING_FILE", "ValidityCurve", "all_modes", "check_inputs",
     "check_out_dir", "compare", "compare_config_from_dict", "curve_records", "eval_config_from_dict",
-    "evaluate", "generation_mode_names", "get_mode", "load_compare_config", "load_results", "mode_label", "output_folder", "writes_results",
+    "evaluate", "generation_mode_names", "get_mode", "load_compare_config", "load_results", "mode_correlations",
+    "mode_label", "mode_scores", "output_folder", "writes_results",
     "rank_correlations", "register_mode", "score_outputs", "select_test", "timestamped_dir",
     "tune_config_with", "tune_outputs", "tune_soft_prompt", "unregister_mode", "versions",
 ]  # fmt: skip

@@ -2,13 +2,17 @@
 
 Claim (d) lives here: over a set of models, do the scores of one mode rank the models as another
 mode's do? A side "base:soft_prompt" against "post_trained:zero_shot" pairs every post-trained model
-with its base, so a tuned base model's score is compared with its post-trained twin's.
+with its base, so a tuned base model's score is compared with its post-trained twin's. From your own
+pre-training code, `mode_scores` reads one evaluation's scores per mode and `mode_correlations`
+correlates each mode's scores across checkpoints with any target score.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import numbers
 import os
 import time
 import warnings
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spt_jax import metrics
-from spt_jax.errors import ConfigError, close_names
+from spt_jax.errors import ConfigError, DataError, close_names
 from spt_jax.evaluate import results as res
 from spt_jax.evaluate.config import EvalConfig, eval_config_from_dict
 from spt_jax.evaluate.folders import Staging, output_folder, writes_results
@@ -165,17 +169,73 @@ def rank_correlations(scores: Mapping[str, Mapping[str, dict]], models: Sequence
             ys.append(y)
             used.append([x_model, y_model])
         entry = {"x": x_side, "y": y_side, "metric": metric, "pairs": used, "x_scores": xs, "y_scores": ys}
-        if not xs:
-            entry.update({"n": 0, "kendall_tau_b": None, "spearman": None,
-                          "note": "no model has scores for both sides"})
-        else:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", metrics.UndefinedCorrelationWarning)
-                entry.update(metrics.rank_correlation(xs, ys, seed=seed))
-            notes = [str(w.message) for w in caught if issubclass(w.category, metrics.UndefinedCorrelationWarning)]
-            if notes:
-                entry["note"] = notes[0]
+        entry.update(_correlation(xs, ys, "no model has scores for both sides", seed=seed))
         out.append(entry)
+    return out
+
+
+def _correlation(xs: Sequence[float], ys: Sequence[float], empty_note: str, **options) -> dict:
+    """`metrics.rank_correlation` of xs and ys, an undefined correlation's reason as ``note``."""
+    if not xs:
+        return {"n": 0, "kendall_tau_b": None, "spearman": None, "note": empty_note}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", metrics.UndefinedCorrelationWarning)
+        entry = metrics.rank_correlation(xs, ys, **options)
+    notes = [str(w.message) for w in caught if issubclass(w.category, metrics.UndefinedCorrelationWarning)]
+    if notes:
+        entry["note"] = notes[0]
+    return entry
+
+
+def _defined(value) -> bool:
+    """A score to rank by: a finite number (None or NaN, e.g. knowledge accuracy with no valid output, is not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def mode_scores(results: Mapping, metric: str = "accuracy") -> dict[str, float]:
+    """``{mode: value of metric}`` from one `evaluate` results dict (or a loaded results.json); an
+    undefined value (knowledge accuracy with no valid output) is NaN, or None as read from JSON."""
+    if metric not in metrics.metric_names():
+        raise ConfigError(f"metric must be one of {', '.join(metrics.metric_names())}, got {metric!r}")
+    rows = results.get("results") if isinstance(results, Mapping) else None
+    if not isinstance(rows, list):
+        raise DataError("mode_scores needs the dict `evaluate` returns (or a results.json), with a 'results' list")
+    return {row["mode"]: (None if row[metric]["value"] is None else float(row[metric]["value"])) for row in rows}
+
+
+def mode_correlations(scores: Mapping[str, Mapping[str, float]], target: Mapping[str, float], *,
+                      modes: Sequence[str] | None = None, n_resamples: int = 2000, confidence: float = 0.95,
+                      seed: int | None = 0) -> dict[str, dict]:
+    """How well each mode's scores rank checkpoints as a target score does (claim d, from your own code).
+
+    ``scores[checkpoint][mode]`` is a checkpoint's score in a mode (e.g. `mode_scores` of its
+    `evaluate` results); ``target[checkpoint]`` the score the ranking should predict (e.g. the
+    post-trained twin's accuracy, or a downstream benchmark). Per mode (default: every mode any
+    checkpoint has, in first-seen order): Kendall tau-b and Spearman with bootstrap intervals over
+    checkpoints (`metrics.rank_correlation`), plus the checkpoints and scores used. A checkpoint
+    without that mode is left out of that mode's correlation; one without a target is a DataError,
+    since a ranking silently computed over fewer checkpoints than given misleads; a score that is
+    None or NaN leaves its checkpoint out (``left_out``). An undefined
+    correlation (fewer than 2 checkpoints, all scores tied) is NaN with the reason in ``note``.
+    """
+    absent = [name for name in scores if name not in target]
+    if absent:
+        raise DataError(f"mode_correlations: no target score for {', '.join(map(repr, absent))}; "
+                        f"targets given for {', '.join(map(repr, target)) or 'none'}")
+    seen: dict[str, None] = {}
+    for name, by_mode in scores.items():
+        if not isinstance(by_mode, Mapping):
+            raise DataError(f"mode_correlations: scores[{name!r}] must map mode names to numbers, got {by_mode!r}")
+        seen.update(dict.fromkeys(by_mode))
+    out = {}
+    for mode in (list(modes) if modes is not None else list(seen)):
+        used = [name for name, by_mode in scores.items() if _defined(by_mode.get(mode))]
+        xs = [float(scores[name][mode]) for name in used]
+        ys = [float(target[name]) for name in used]
+        left_out = [name for name in scores if name not in used]
+        out[mode] = {"mode": mode, "checkpoints": used, "left_out": left_out, "x_scores": xs, "y_scores": ys,
+                     **_correlation(xs, ys, f"no checkpoint has a {mode!r} score", n_resamples=n_resamples,
+                                    confidence=confidence, seed=seed)}
     return out
 
 

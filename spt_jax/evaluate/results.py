@@ -186,7 +186,7 @@ def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
         valid = np.array([r["valid"] for r in run.scored], bool)
         correct = np.array([r["correct"] for r in run.scored], bool)
         entry = {"tune_seed": run.tuning.get("tune_seed"), "tuning_steps": run.tuning.get("steps"),
-                 "saturated_at_step": (run.tuning.get("metadata") or {}).get("saturated_at_step"),
+                 "saturated_at_step": run.tuning.get("saturated_at_step"),  # from the curve, stopped or not
                  **metrics.summarize(valid, correct, confidence=config.confidence, seed=config.seed)}
         if baseline is not None:
             hits = [r["correct"] and r["valid"] for r in run.scored]
