@@ -178,11 +178,7 @@ def run(args) -> int:
             name = f"saturation_{common.safe_name(model)}.png"
             plot(model, [c for c in cells if c["model"] == model], out / name)
             data["plots"].append(name)
-        summary = summary_markdown(data)
-        (out / "summary.md").write_text(summary, encoding="utf-8")
-        common.write_json(out / f"{NAME}.json", data)
-    print(summary)
-    return 0
+        return common.finish(out, NAME, data, summary_markdown(data))
 
 
 if __name__ == "__main__":

@@ -174,10 +174,7 @@ def summary_markdown(data: dict) -> str:
             [[r["label"], "-" if r["reference"] else common.fmt_estimate(r["format_validity"]),
               common.fmt_estimate(r["accuracy"]), "-" if r["reference"] else common.fmt_estimate(r["knowledge_accuracy"]),
               common.fmt_seconds(r["wall_time_s"])] for r in cell["rows"]]))
-        lines += ["", common.md_table(
-            ["McNemar", "metric", "difference", "only a right", "only b right", "p"],
-            [[f"{t['mode_a']} vs {t['mode_b']}", t["metric"].replace("_", " "), f"{t['difference']:+.3f}", t["b"], t["c"],
-              common.fmt_p(t["p_value"])] for t in cell["tests"]]), ""]
+        lines += ["", common.mcnemar_table(cell["tests"]), ""]
     lines += [f"![{p}]({p})" for p in data["plots"]]
     return "\n".join(lines) + "\n"
 
@@ -202,11 +199,7 @@ def run(args) -> int:
             name = f"baselines_{common.safe_name(model)}.png"
             plot(model, [c for c in cells if c["model"] == model], out / name)
             data["plots"].append(name)
-        summary = summary_markdown(data)
-        (out / "summary.md").write_text(summary, encoding="utf-8")
-        common.write_json(out / f"{NAME}.json", data)
-    print(summary)
-    return 0
+        return common.finish(out, NAME, data, summary_markdown(data))
 
 
 if __name__ == "__main__":

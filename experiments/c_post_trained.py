@@ -139,10 +139,7 @@ def summary_markdown(data: dict) -> str:
         lines += [f"## {cell['task']} ({cell['n']} test items)", "",
                   common.md_table(["mode", "plain: validity", "plain: accuracy", "plain: knowledge acc.",
                                    "chat: validity", "chat: accuracy", "chat: knowledge acc."], side_by_side(cell)),
-                  "", common.md_table(
-                      ["McNemar", "metric", "difference", "only a right", "only b right", "p"],
-                      [[f"{t['mode_a']} vs {t['mode_b']}", t["metric"].replace("_", " "), f"{t['difference']:+.3f}", t["b"],
-                        t["c"], common.fmt_p(t["p_value"])] for t in cell["tests"]]), ""]
+                  "", common.mcnemar_table(cell["tests"]), ""]
     lines += [f"![{p}]({p})" for p in data["plots"]]
     return "\n".join(lines) + "\n"
 
@@ -161,11 +158,7 @@ def run(args) -> int:
         data = {**common.run_header(NAME, args), "cells": cells, "wall_time_s": clock.seconds,
                 "plots": [f"post_trained_{common.safe_name(args.model)}.png"]}
         plot(args.model, cells, out / data["plots"][0])
-        summary = summary_markdown(data)
-        (out / "summary.md").write_text(summary, encoding="utf-8")
-        common.write_json(out / f"{NAME}.json", data)
-    print(summary)
-    return 0
+        return common.finish(out, NAME, data, summary_markdown(data))
 
 
 if __name__ == "__main__":

@@ -224,6 +224,21 @@ def fmt_estimate(estimate: Mapping | None) -> str:
     return f"{fmt(estimate['value'])} [{fmt(estimate.get('low'), 2)}, {fmt(estimate.get('high'), 2)}]"
 
 
+def mcnemar_table(tests: Sequence[dict]) -> str:
+    """One row per paired test (`spt_jax.metrics.mcnemar` fields plus mode_a, mode_b and metric)."""
+    return md_table(["McNemar", "metric", "difference", "only a right", "only b right", "p"],
+                    [[f"{t['mode_a']} vs {t['mode_b']}", t["metric"].replace("_", " "), f"{t['difference']:+.3f}",
+                      t["b"], t["c"], fmt_p(t["p_value"])] for t in tests])
+
+
+def finish(out: Path, name: str, data: dict, summary: str) -> int:
+    """Write ``summary.md`` and ``<name>.json`` into the results folder and print the summary."""
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    write_json(out / f"{name}.json", data)
+    print(summary)
+    return 0
+
+
 def fmt_p(p) -> str:
     return "-" if p is None else (f"{p:.2g}" if p < 0.01 else f"{p:.3f}")
 

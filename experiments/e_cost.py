@@ -317,11 +317,7 @@ def run(args) -> int:
                        f"{r['peak_training_mib'] or r['peak_process_mib']:.0f} MiB")
         data = {**common.run_header(NAME, args), "rows": rows, "wall_time_s": clock.seconds, "plots": ["cost.png"]}
         plot(rows, out / "cost.png")
-        summary = summary_markdown(data)
-        (out / "summary.md").write_text(summary, encoding="utf-8")
-        common.write_json(out / f"{NAME}.json", data)
-    print(summary)
-    return 0
+        return common.finish(out, NAME, data, summary_markdown(data))
 
 
 if __name__ == "__main__":
