@@ -33,7 +33,7 @@ from study.recipes import QUICK_RECIPES, RECIPE_NAMES, SCALES  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the CI-sized study (200 people, tiny models)")
+    parser.add_argument("--quick", action="store_true", help="the CI-sized pipeline check (120 people, 6 recipes, tiny models)")
     parser.add_argument("--out", type=Path, default=None,
                         help="study folder (default: a new results/<timestamp>_d_ranking_study); an existing "
                              "study folder resumes")
