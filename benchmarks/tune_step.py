@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     print(machine_line(), flush=True)  # the CPU kind this result holds for
+    from spt_jax.tune import TuneConfig
+    from spt_jax.tune.step import resolve_remat  # what the step recomputes at this shape
 
     rows = make_rows()
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,7 +218,6 @@ def main() -> None:
         theirs += time_calls(theirs_step, 1)
         rates += [max(sample_rate() for _ in range(3))]
     compilations = train_step.compilations
-    from spt_jax.tune.step import resolve_remat
 
     n_targets = int(batch["target_mask"].sum())
     flops = step_flops(lm.config, T, B * A)
@@ -228,7 +229,7 @@ def main() -> None:
           f"tokens ({n_targets} target tokens); {os.cpu_count()} cores, torch threads {args.threads}")
     print(f"spt_jax : {ours_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(ours) * 1e3:.1f}), "
           f"padded length {T} (fitted bucket), answer width {A}, first call {compile_s:.1f} s, "
-          f"compilations {compilations}, remat {resolve_remat('auto', lm.config, B, T)}")
+          f"compilations {compilations}, remat {resolve_remat(TuneConfig().remat, lm.config, B, T)}")
     print(f"PEFT    : {theirs_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(theirs) * 1e3:.1f}), "
           f"length {P + peft_len} (prompt + longest row)")
     print(f"compute bound: {flops / 1e9:.1f} GFLOP/step at {rate / 1e9:.1f} GFLOP/s median, "
