@@ -19,15 +19,15 @@ from pathlib import Path
 from machine import machine
 
 HERE = Path(__file__).parent
-SCRIPTS = ("forward_throughput", "generate_throughput", "tune_step", "fewshot_prefix_cache", "load_memory",
-           "tune_memory")
+SCRIPTS = (("forward_throughput",), ("generate_throughput",), ("tune_step",), ("tune_step", "--model", "gemma3-270m"),
+           ("fewshot_prefix_cache",), ("load_memory",), ("tune_memory",))
 
 
-def run(name: str) -> dict:
+def run(name: str, *args: str) -> dict:
     before = os.getloadavg()[0]
-    done = subprocess.run([sys.executable, str(HERE / f"{name}.py")], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *args], capture_output=True, text=True)
     lines = done.stdout.splitlines()
-    return {"script": name, "exit_code": done.returncode, "load_before": round(before, 2),
+    return {"script": " ".join((name, *args)), "exit_code": done.returncode, "load_before": round(before, 2),
             "load_after": round(os.getloadavg()[0], 2),
             "machine": next((line for line in lines if line.startswith("MACHINE")), None),
             "summary": [line for line in lines if line.startswith("SUMMARY")] or lines[-6:],
@@ -37,9 +37,9 @@ def run(name: str) -> dict:
 def main() -> int:
     info = machine()
     results = []
-    for name in SCRIPTS:
-        print(f"== {name}", flush=True)
-        results.append(run(name))
+    for script in SCRIPTS:
+        print(f"== {' '.join(script)}", flush=True)
+        results.append(run(*script))
         print("\n".join(results[-1]["summary"]), flush=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     cpu = re.sub(r"[^A-Za-z0-9]+", "-", info["cpu"]).strip("-") or "cpu"

@@ -10,7 +10,10 @@ texts are left-padded into a length bucket right after the prefix (padding slots
 which attention ignores), prefilled in one call, and decoded by a `jax.lax.while_loop` that stops
 early once every row has hit EOS or a stop token. Shapes depend only on (prefix bucket, input bucket,
 batch size, rounded max_new_tokens), so a run compiles a handful of times; the compilations are
-counted in ``lm.compiled`` under "prefix" and "generate".
+counted in ``lm.compiled`` under "prefix" and "generate". The prefill scans the stacked layers (one
+compiled layer); the decode steps run the layers one by one on per-layer copies of their weights,
+made once per call (`unstack_layers`), because a scan copies every layer's weights out of the stack
+on every step, which on CPU costs a one-token step more than its GEMMs.
 
 Stop sequences: a ``[V]`` mask of tokens whose text contains a stop sequence (computed once per
 model and stop set, kept in ``lm.compiled``) ends a row inside the loop; the decoded text is then
@@ -32,7 +35,7 @@ from jax.sharding import Mesh
 
 from spt_jax import sequence as seq
 from spt_jax.errors import ConfigError, DataError
-from spt_jax.models.transformer import positions_from_mask
+from spt_jax.models.transformer import positions_from_mask, unstack_layers
 from spt_jax.prefix import PrefixCache, PrefixKV, batch_cache, progress_bar, resolve_prefix
 
 
@@ -144,12 +147,17 @@ def generate(
 
 
 def _batch_runner(lm, on, kv: PrefixKV, eos, stop, max_new: int, new_slots: int):
-    """``run(ids, valid, active) -> (out, n_kept)`` for one batch, on one device or on ``on``'s mesh."""
+    """``run(ids, valid, active) -> (out, n_kept)`` for one batch, on one device or on ``on``'s mesh.
+
+    The decode steps' per-layer weight buffers are made here, once for all of a call's batches, and
+    dropped with it (they double the layers' memory while generation runs).
+    """
     if on is None:
+        layers = lm.compiled.jit("unstack_layers", unstack_layers)(lm.params)
         jitted = lm.compiled.jit("generate", _generate_batch, static_argnames=("graphdef", "new_slots"))
         masks = (jnp.asarray(eos), jnp.asarray(stop), jnp.int32(max_new))
         return lambda ids, valid, active: jitted(
-            lm.graphdef, lm.params, kv, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(active), *masks,
+            lm.graphdef, lm.params, layers, kv, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(active), *masks,
             new_slots=new_slots,
         )  # fmt: skip
 
@@ -158,16 +166,21 @@ def _batch_runner(lm, on, kv: PrefixKV, eos, stop, max_new: int, new_slots: int)
                                cache_shardings=on.kv_shardings(lm.config))
         repl, rows = on.replicated, on.rows
         return jax.jit(lm.compiled.counted("generate", fn),
-                       in_shardings=(on.param_shardings(lm), repl, rows, rows, rows, repl, repl, repl),
+                       in_shardings=(on.param_shardings(lm), on.layer_shardings(lm), repl, rows, rows, rows,
+                                     repl, repl, repl),
                        out_shardings=(repl, repl))  # every process gets every row's output
 
     jitted = lm.compiled.memo(("generate", on.mesh, new_slots), build)
+    unstack = lm.compiled.memo(("unstack_layers", on.mesh), lambda: jax.jit(
+        lm.compiled.counted("unstack_layers", unstack_layers), out_shardings=on.layer_shardings(lm)))
+    with on.context():
+        layers = unstack(on.params)
     kv, masks = on.replicate(kv), on.replicate((eos, stop, np.int32(max_new)))
 
     def run(ids, valid, active):
         rows = on.batch({"ids": ids, "valid": valid, "active": active})
         with on.context():
-            return jitted(on.params, kv, rows["ids"], rows["valid"], rows["active"], *masks)
+            return jitted(on.params, layers, kv, rows["ids"], rows["valid"], rows["active"], *masks)
 
     return run
 
@@ -178,7 +191,7 @@ def generate_text(lm, prompt: str, max_new_tokens: int = 32) -> str:
     return generate(lm, [prompt], config=config)[0]
 
 
-def _generate_batch(graphdef, params, prefix: PrefixKV, ids, valid, active, is_eos, is_stop, max_new, *, new_slots,
+def _generate_batch(graphdef, params, layers, prefix: PrefixKV, ids, valid, active, is_eos, is_stop, max_new, *, new_slots,
                     cache_shardings=None):
     """Prefill a left-padded batch after the prefix, then decode greedily until all rows stop.
 
@@ -191,6 +204,7 @@ def _generate_batch(graphdef, params, prefix: PrefixKV, ids, valid, active, is_e
     hidden, cache = model(model.embed(ids), positions_from_mask(valid, prefix.length), valid, cache)
     last = jnp.where(valid[:, -1:], hidden[:, -1], prefix.last_hidden[None])  # [B, D]
     first = jnp.argmax(model.logits(last), axis=-1).astype(jnp.int32)  # [B]
+    cache = cache.per_layer()  # decode runs the layers one by one on `layers`
 
     out = jnp.zeros((B, new_slots), jnp.int32).at[:, 0].set(first)
     n_kept = (active & ~is_eos[first]).astype(jnp.int32)
@@ -203,7 +217,7 @@ def _generate_batch(graphdef, params, prefix: PrefixKV, ids, valid, active, is_e
     def decode_one(state):
         step, token, cache, out, n_kept, done = state
         positions = (prefix.length + n_input + step - 1)[:, None]  # where `token` sits
-        hidden, cache = model(model.embed(token[:, None]), positions, ~done[:, None], cache)
+        hidden, cache = model(model.embed(token[:, None]), positions, ~done[:, None], cache, layer_weights=layers)
         token = jnp.argmax(model.logits(hidden[:, 0]), axis=-1).astype(jnp.int32)
         out = jax.lax.dynamic_update_slice(out, jnp.where(done, 0, token)[:, None], (0, step))
         n_kept = n_kept + (~done & ~is_eos[token])

@@ -176,10 +176,10 @@ def test_compiles_once_per_bucket(lm):
     config = gen.GenerationConfig(max_new_tokens=5, batch_size=4, length_buckets=(8, 16, 32))
     texts = ["abcdefghijklmnopqrstuvwxyz"[: 1 + n % 26] + " " * (n // 26) for n in range(40)]
     gen.generate(lm, texts[:3], config=config)  # the 8 bucket, with its prefix
-    assert dict(lm.compiled.traces) == {"prefix": 1, "generate": 1}
+    assert dict(lm.compiled.traces) == {"prefix": 1, "unstack_layers": 1, "generate": 1}
     gen.generate(lm, texts, config=config)
     gen.generate(lm, texts[::-1], config=dataclasses.replace(config, max_new_tokens=9))  # same rounding
-    assert dict(lm.compiled.traces) == {"prefix": 1, "generate": 3}  # + the 16 and 32 buckets
+    assert dict(lm.compiled.traces) == {"prefix": 1, "unstack_layers": 1, "generate": 3}  # + the 16, 32 buckets
     other = tiny_lm(seed=1)  # another model in the same process shares nothing
     assert other.compiled is not lm.compiled and "generate" not in dataclasses.replace(other).compiled.traces
 

@@ -88,16 +88,19 @@ def test_logits_match_transformers(loaded, variant, padding):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _step(graphdef, params, tokens, positions, valid, cache):
+def _step(graphdef, params, tokens, positions, valid, cache, layer_weights=None):
     model = nnx.merge(graphdef, params)
-    hidden, cache = model(model.embed(tokens), positions, valid, cache)
+    hidden, cache = model(model.embed(tokens), positions, valid, cache, layer_weights=layer_weights)
     return model.logits(hidden), cache
 
 
+@pytest.mark.parametrize("decode_layers", ["scan", "per_layer"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_kv_cached_decode_matches_full_forward(loaded, variant):
-    """Prefill 5 tokens, then feed the rest one at a time; row 2's prefill is all padding."""
+def test_kv_cached_decode_matches_full_forward(loaded, variant, decode_layers):
+    """Prefill 5 tokens (scanned layers), then feed the rest one at a time, with the layers scanned or
+    run one by one on `unstack_layers`' buffers (generation's decode); row 2's prefill is all padding."""
     lm, torch_model = loaded(variant)
+    layer_weights = jax.jit(models.unstack_layers)(lm.params)
     ids, mask = _left_padded()
     positions = positions_from_mask(jnp.asarray(mask))
     prefill = 5
@@ -105,17 +108,20 @@ def test_kv_cached_decode_matches_full_forward(loaded, variant):
     chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, SEQ)]
     outs = []
     for start, stop in chunks:
+        decoding = start >= prefill and decode_layers == "per_layer"
         logits, cache = _step(
             lm.graphdef,
             lm.params,
             jnp.asarray(ids[:, start:stop]),
             positions[:, start:stop],
             jnp.asarray(mask[:, start:stop]),
-            cache,
+            cache.per_layer() if decoding else cache,
+            layer_weights if decoding else None,
         )
         outs.append(np.asarray(logits))
     incremental = np.concatenate(outs, axis=1)
     assert int(cache.index) == SEQ
+    assert isinstance(cache.k, tuple) == (decode_layers == "per_layer")
     assert _max_diff_valid(incremental, lm.logits(ids, mask), mask) <= ATOL
     assert _max_diff_valid(incremental, torch_logits(torch_model, ids, mask), mask) <= ATOL
 
@@ -172,3 +178,13 @@ def test_bfloat16_load(tiny_hf_checkpoint):
     scale = np.abs(full[mask]).max()
     assert _max_diff_valid(half, full, mask) <= 0.05 * scale
     assert _max_diff_valid(half, full, mask) > 0  # really computed in bfloat16
+
+
+def test_per_layer_weights_refuse_a_stacked_cache(loaded):
+    lm, _ = loaded(VARIANTS[0])
+    model = lm.model
+    ids = jnp.asarray(_tokens(batch=1)[:, :2])
+    cache = KVCache.init(lm.config, batch=1, length=4)
+    with pytest.raises(ValueError, match="per-layer cache"):
+        model(model.embed(ids), jnp.arange(2)[None], jnp.ones((1, 2), bool), cache,
+              layer_weights=models.unstack_layers(lm.params))

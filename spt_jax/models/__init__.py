@@ -19,7 +19,7 @@ from spt_jax.errors import ConfigError, close_names
 from spt_jax.models.config import ModelConfig, RopeConfig
 from spt_jax.models.families import SUPPORTED_MODEL_TYPES, config_from_hf, family_for
 from spt_jax.models.lm import LM
-from spt_jax.models.transformer import DecoderLM, KVCache, positions_from_mask
+from spt_jax.models.transformer import DecoderLM, KVCache, positions_from_mask, unstack_layers
 from spt_jax.models.weights import load_params
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "positions_from_mask",
     "resolve_dtype",
     "resolve_dtype_name",
+    "unstack_layers",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

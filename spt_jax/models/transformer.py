@@ -3,6 +3,9 @@
 The model takes *input embeddings* rather than token ids, with explicit positions and a validity mask,
 so a soft prompt joins in embedding space and left or right padding never shifts a position. Layers
 are stacked along a leading axis and run with `jax.lax.scan`, so a 30-layer model compiles one layer.
+A one-token decode step instead runs them one after another on per-layer weight buffers
+(`unstack_layers`): on CPU a scan copies each layer's weights out of the stack before its GEMMs, and
+for a single token that copy costs more than the GEMMs.
 
 Shapes: B batch, T new tokens, S cache slots, D d_model, H query heads, K kv heads, G = H // K,
 d head_dim, F d_ff, V vocab, L layers.
@@ -33,10 +36,14 @@ _ACTIVATIONS = {
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer for S slots; ``pos`` is -1 where a slot holds nothing."""
+    """Keys and values of every layer for S slots; ``pos`` is -1 where a slot holds nothing.
 
-    k: jax.Array  # [L, B, S, K, d]
-    v: jax.Array  # [L, B, S, K, d]
+    ``k`` and ``v`` are stacked ``[L, B, S, K, d]`` for the layer scan, or tuples of L arrays
+    ``[B, S, K, d]`` (`per_layer`) for layers run one by one on `unstack_layers`' weights.
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     pos: jax.Array  # [B, S] int32 position of the token in each slot, -1 when empty or padding
     index: jax.Array  # [] int32, the next slot to write
 
@@ -53,6 +60,19 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.pos.shape[1]
+
+    def per_layer(self) -> KVCache:
+        """This cache with ``k`` and ``v`` split into one array per layer."""
+        if isinstance(self.k, tuple):
+            return self
+        split = lambda x: tuple(x[i] for i in range(x.shape[0]))  # noqa: E731
+        return self.replace(k=split(self.k), v=split(self.v))
+
+
+def unstack_layers(params: nnx.State) -> tuple[nnx.State, ...]:
+    """A `DecoderLM`'s stacked layer weights ``[L, ...]`` as L states of their own (jit it: separate buffers)."""
+    layers = params["layers"]
+    return tuple(jax.tree.map(lambda x: x[i], layers) for i in range(jax.tree.leaves(layers)[0].shape[0]))
 
 
 def _param(rngs: nnx.Rngs, shape, param_dtype, std: float = 0.02) -> nnx.Param:
@@ -234,8 +254,14 @@ class DecoderLM(nnx.Module):
         cache: KVCache | None = None,
         *,
         remat: str = "none",
+        layer_weights: tuple[nnx.State, ...] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final-normed hidden states ``[B, T, D]`` and the cache with these T tokens appended."""
+        """Final-normed hidden states ``[B, T, D]`` and the cache with these T tokens appended.
+
+        ``layer_weights`` (`unstack_layers` of this model's params, e.g. for a decode step): run the
+        layers one by one on those buffers instead of scanning the stacked weights; the cache, if
+        any, must then be `KVCache.per_layer`. Same numbers, L compiled layers instead of one.
+        """
         c = self.config
         positions = positions.astype(jnp.int32)
         x = embeds.astype(self.dtype)
@@ -243,33 +269,46 @@ class DecoderLM(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         new_pos = jnp.where(valid, positions, -1)
         if cache is not None:
+            if (layer_weights is not None) != isinstance(cache.k, tuple):
+                raise ValueError("layer_weights need a per-layer cache (KVCache.per_layer), the scan a stacked one")
             kv_pos = jax.lax.dynamic_update_slice(cache.pos, new_pos, (0, cache.index))
             layer_caches, cache_index = (cache.k, cache.v), cache.index
         else:
             kv_pos, layer_caches, cache_index = new_pos, None, None
 
-        ropes = None
+        global_rope = local_rope = None
         if c.position == "rope":
             global_rope = rope_tables(c.rope, c.head_dim, positions)
             local_rope = rope_tables(c.rope_local, c.head_dim, positions) if c.rope_local else global_rope
-            ropes = (global_rope, local_rope)
         is_local = np.array([k == "sliding" for k in c.kinds])
-        windows = jnp.asarray(np.where(is_local, c.sliding_window or _NO_WINDOW, _NO_WINDOW), jnp.int32)
+        windows = np.where(is_local, c.sliding_window or _NO_WINDOW, _NO_WINDOW).astype(np.int32)
 
         graphdef, layer_states = nnx.split(self.layers)
 
-        def layer(x, xs):
-            state, window, local, layer_cache = xs
-            rope = None
-            if ropes is not None:
-                rope = jax.tree.map(lambda g, l: jnp.where(local, l, g), *ropes)
+        def layer(x, state, window, rope, layer_cache):
             block = nnx.merge(graphdef, state)
             return block(x, rope, positions, window, kv_pos, layer_cache, cache_index)
 
         if remat != "none":  # "full" or "dots" (`REMAT_POLICIES`)
             layer = jax.checkpoint(layer, prevent_cse=False, policy=REMAT_POLICIES[remat])
-        xs = (layer_states, windows, jnp.asarray(is_local), layer_caches)
-        x, new_caches = jax.lax.scan(layer, x, xs)
+        if layer_weights is None:  # one compiled layer, scanned over the stacked weights
+
+            def scanned(x, xs):
+                state, window, local, layer_cache = xs
+                rope = None if global_rope is None else jax.tree.map(
+                    lambda g, l: jnp.where(local, l, g), global_rope, local_rope)  # fmt: skip
+                return layer(x, state, window, rope, layer_cache)
+
+            xs = (layer_states, jnp.asarray(windows), jnp.asarray(is_local), layer_caches)
+            x, new_caches = jax.lax.scan(scanned, x, xs)
+        else:  # layer by layer on separate buffers: nothing is copied out of a stack
+            outs = []
+            for i, state in enumerate(layer_weights):
+                rope = local_rope if is_local[i] else global_rope
+                layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+                x, layer_cache = layer(x, state, jnp.int32(windows[i]), rope, layer_cache)
+                outs.append(layer_cache)
+            new_caches = None if layer_caches is None else tuple(map(tuple, zip(*outs)))
         x = self.final_norm(x)
         if cache is not None:
             cache = KVCache(

@@ -290,6 +290,13 @@ class OnMesh:
     def kv_shardings(self, config: ModelConfig):
         return kv_cache_shardings(self.mesh, config)
 
+    def layer_shardings(self, lm) -> tuple:
+        """Shardings of `spt_jax.models.unstack_layers`' per-layer weights: each stacked weight's
+        sharding without its leading layer axis."""
+        drop_layer_axis = lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))  # noqa: E731
+        layers = jax.tree.map(drop_layer_axis, self.param_shardings(lm)["layers"])
+        return (layers,) * lm.config.n_layers
+
     def batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Rows over ``data``; each process passes only its own rows (see `global_batch`)."""
         return global_batch(arrays, self.mesh)
