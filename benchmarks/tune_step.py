@@ -57,7 +57,8 @@ def make_checkpoint(directory: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Specials:
-    """The token ids both sides build rows from (read off the transformers config)."""
+    """The token ids both sides build rows from, as spt_jax read them from the model's own metadata
+    (transformers' GGUF loader keeps them in the tokenizer, not in the model config)."""
 
     bos: int
     eos: int
@@ -65,15 +66,17 @@ class Specials:
     vocab: int
 
     @classmethod
-    def of(cls, hf_config) -> Specials:
-        eos = hf_config.eos_token_id
-        eos = eos[0] if isinstance(eos, list) else eos
-        pad = hf_config.pad_token_id if hf_config.pad_token_id is not None else eos
-        return cls(bos=hf_config.bos_token_id, eos=eos, pad=pad, vocab=hf_config.vocab_size)
+    def of(cls, config) -> Specials:
+        if config.bos_token_id is None or not config.eos_token_ids:
+            raise SystemExit(f"the model has no BOS or EOS id (bos {config.bos_token_id}, eos {config.eos_token_ids})")
+        eos = config.eos_token_ids[0]
+        pad = config.pad_token_id if config.pad_token_id is not None else eos
+        return cls(bos=config.bos_token_id, eos=eos, pad=pad, vocab=config.vocab_size)
 
 
 def make_rows(specials: Specials, seed: int = 0):
-    """B rows of token ids: 64 input ids, 1..8 answer ids (the last is EOS), none of them special."""
+    """B rows of token ids: 64 input ids, 1..8 answer ids (the last is EOS), drawn from ids >= 10 (step
+    time does not depend on which; for Gemma some are its unused or control tokens)."""
     rng = np.random.default_rng(seed)
     ordinary = lambda n: (rng.integers(10, specials.vocab, n)).tolist()  # noqa: E731
     return [(ordinary(INPUT_LEN), ordinary(rng.integers(1, MAX_ANSWER)) + [specials.eos]) for _ in range(B)]
@@ -222,7 +225,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         lm, torch_model, source = load_models(Path(tmp), args.model)
-    specials = Specials.of(torch_model.config)
+    specials = Specials.of(lm.config)
     rows = make_rows(specials)
     batch, ours_step, train_step = spt_jax_step(lm, rows, specials)
     theirs_step, peft_len = peft_step(torch_model, rows, specials, args.threads)

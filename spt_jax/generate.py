@@ -11,9 +11,10 @@ which attention ignores), prefilled in one call, and decoded by a `jax.lax.while
 early once every row has hit EOS or a stop token. Shapes depend only on (prefix bucket, input bucket,
 batch size, rounded max_new_tokens), so a run compiles a handful of times; the compilations are
 counted in ``lm.compiled`` under "prefix" and "generate". The prefill scans the stacked layers (one
-compiled layer); the decode steps run the layers one by one on per-layer copies of their weights,
-made once per call (`unstack_layers`), because a scan copies every layer's weights out of the stack
-on every step, which on CPU costs a one-token step more than its GEMMs.
+compiled layer). On CPU the decode steps run the layers one by one on per-layer copies of their
+weights, made once per call (`unstack_layers`, counted under "unstack_layers"), because a scan
+copies every layer's weights out of the stack on every step, which costs a one-token step more than
+its GEMMs there; elsewhere (measured on CPU only, and accelerator memory is dearer) decode scans too.
 
 Stop sequences: a ``[V]`` mask of tokens whose text contains a stop sequence (computed once per
 model and stop set, kept in ``lm.compiled``) ends a row inside the loop; the decoded text is then
@@ -152,8 +153,9 @@ def _batch_runner(lm, on, kv: PrefixKV, eos, stop, max_new: int, new_slots: int)
     The decode steps' per-layer weight buffers are made here, once for all of a call's batches, and
     dropped with it (they double the layers' memory while generation runs).
     """
+    per_layer = jax.default_backend() == "cpu"  # see the module docstring
     if on is None:
-        layers = lm.compiled.jit("unstack_layers", unstack_layers)(lm.params)
+        layers = lm.compiled.jit("unstack_layers", unstack_layers)(lm.params) if per_layer else None
         jitted = lm.compiled.jit("generate", _generate_batch, static_argnames=("graphdef", "new_slots"))
         masks = (jnp.asarray(eos), jnp.asarray(stop), jnp.int32(max_new))
         return lambda ids, valid, active: jitted(
@@ -166,15 +168,15 @@ def _batch_runner(lm, on, kv: PrefixKV, eos, stop, max_new: int, new_slots: int)
                                cache_shardings=on.kv_shardings(lm.config))
         repl, rows = on.replicated, on.rows
         return jax.jit(lm.compiled.counted("generate", fn),
-                       in_shardings=(on.param_shardings(lm), on.layer_shardings(lm), repl, rows, rows, rows,
-                                     repl, repl, repl),
+                       in_shardings=(on.param_shardings(lm), on.layer_shardings(lm) if per_layer else None,
+                                     repl, rows, rows, rows, repl, repl, repl),
                        out_shardings=(repl, repl))  # every process gets every row's output
 
     jitted = lm.compiled.memo(("generate", on.mesh, new_slots), build)
     unstack = lm.compiled.memo(("unstack_layers", on.mesh), lambda: jax.jit(
         lm.compiled.counted("unstack_layers", unstack_layers), out_shardings=on.layer_shardings(lm)))
     with on.context():
-        layers = unstack(on.params)
+        layers = unstack(on.params) if per_layer else None
     kv, masks = on.replicate(kv), on.replicate((eos, stop, np.int32(max_new)))
 
     def run(ids, valid, active):
@@ -204,7 +206,8 @@ def _generate_batch(graphdef, params, layers, prefix: PrefixKV, ids, valid, acti
     hidden, cache = model(model.embed(ids), positions_from_mask(valid, prefix.length), valid, cache)
     last = jnp.where(valid[:, -1:], hidden[:, -1], prefix.last_hidden[None])  # [B, D]
     first = jnp.argmax(model.logits(last), axis=-1).astype(jnp.int32)  # [B]
-    cache = cache.per_layer()  # decode runs the layers one by one on `layers`
+    if layers is not None:
+        cache = cache.per_layer()  # decode runs the layers one by one on `layers`
 
     out = jnp.zeros((B, new_slots), jnp.int32).at[:, 0].set(first)
     n_kept = (active & ~is_eos[first]).astype(jnp.int32)

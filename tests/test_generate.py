@@ -184,6 +184,17 @@ def test_compiles_once_per_bucket(lm):
     assert other.compiled is not lm.compiled and "generate" not in dataclasses.replace(other).compiled.traces
 
 
+def test_scanned_decode_off_cpu_gives_the_per_layer_decodes_outputs(lm, monkeypatch):
+    """Off CPU, decode scans the stacked layers (no per-layer copies); the outputs are the same."""
+    texts = ["abcdefghijklmnopqrstuvwxyz"[: 1 + n % 26] for n in range(6)]
+    config = gen.GenerationConfig(max_new_tokens=6, batch_size=4, stop_sequences=("q",))
+    per_layer = gen.generate(dataclasses.replace(lm), texts, config=config)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    scanned_lm = dataclasses.replace(lm)
+    assert gen.generate(scanned_lm, texts, config=config) == per_layer
+    assert "unstack_layers" not in scanned_lm.compiled.traces
+
+
 def test_long_inputs_are_cut_from_the_left_with_a_warning(lm):
     config = gen.GenerationConfig(max_new_tokens=4, stop_sequences=(), batch_size=2, length_buckets=(8, 16))
     long = "abcdefghijklmnopqrstuvwxyz"

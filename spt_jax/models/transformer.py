@@ -289,10 +289,13 @@ class DecoderLM(nnx.Module):
             block = nnx.merge(graphdef, state)
             return block(x, rope, positions, window, kv_pos, layer_cache, cache_index)
 
-        if remat != "none":  # "full" or "dots" (`REMAT_POLICIES`)
-            layer = jax.checkpoint(layer, prevent_cse=False, policy=REMAT_POLICIES[remat])
+        # Remat wraps the whole per-layer function, the rope selection included, so the backward
+        # pass recomputes the selected tables instead of keeping L copies of them.
+        rematted = (lambda f: f) if remat == "none" else (  # "full" or "dots" (`REMAT_POLICIES`)
+            lambda f: jax.checkpoint(f, prevent_cse=False, policy=REMAT_POLICIES[remat]))
         if layer_weights is None:  # one compiled layer, scanned over the stacked weights
 
+            @rematted
             def scanned(x, xs):
                 state, window, local, layer_cache = xs
                 rope = None if global_rope is None else jax.tree.map(
@@ -302,6 +305,9 @@ class DecoderLM(nnx.Module):
             xs = (layer_states, jnp.asarray(windows), jnp.asarray(is_local), layer_caches)
             x, new_caches = jax.lax.scan(scanned, x, xs)
         else:  # layer by layer on separate buffers: nothing is copied out of a stack
+            if len(layer_weights) != c.n_layers:
+                raise ValueError(f"layer_weights holds {len(layer_weights)} layers, the model {c.n_layers}")
+            layer = rematted(layer)
             outs = []
             for i, state in enumerate(layer_weights):
                 rope = local_rope if is_local[i] else global_rope
