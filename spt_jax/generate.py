@@ -173,10 +173,12 @@ def _batch_runner(lm, on, kv: PrefixKV, eos, stop, max_new: int, new_slots: int)
                        out_shardings=(repl, repl))  # every process gets every row's output
 
     jitted = lm.compiled.memo(("generate", on.mesh, new_slots), build)
-    unstack = lm.compiled.memo(("unstack_layers", on.mesh), lambda: jax.jit(
-        lm.compiled.counted("unstack_layers", unstack_layers), out_shardings=on.layer_shardings(lm)))
-    with on.context():
-        layers = unstack(on.params) if per_layer else None
+    layers = None
+    if per_layer:
+        unstack = lm.compiled.memo(("unstack_layers", on.mesh), lambda: jax.jit(
+            lm.compiled.counted("unstack_layers", unstack_layers), out_shardings=on.layer_shardings(lm)))
+        with on.context():
+            layers = unstack(on.params)
     kv, masks = on.replicate(kv), on.replicate((eos, stop, np.int32(max_new)))
 
     def run(ids, valid, active):
