@@ -66,12 +66,14 @@ class Specials:
     vocab: int
 
     @classmethod
-    def of(cls, config) -> Specials:
-        if config.bos_token_id is None or not config.eos_token_ids:
-            raise SystemExit(f"the model has no BOS or EOS id (bos {config.bos_token_id}, eos {config.eos_token_ids})")
-        eos = config.eos_token_ids[0]
-        pad = config.pad_token_id if config.pad_token_id is not None else eos
-        return cls(bos=config.bos_token_id, eos=eos, pad=pad, vocab=config.vocab_size)
+    def of(cls, lm) -> Specials:
+        """From `spt_jax.sequence`, which owns BOS/EOS/pad resolution for every model."""
+        from spt_jax import sequence as seq
+
+        eos = seq.eos_ids(lm)
+        if lm.config.bos_token_id is None or not eos:
+            raise SystemExit(f"{lm.name} has no BOS or EOS id (bos {lm.config.bos_token_id}, eos {eos})")
+        return cls(bos=lm.config.bos_token_id, eos=eos[0], pad=seq.pad_id(lm), vocab=lm.config.vocab_size)
 
 
 def make_rows(specials: Specials, seed: int = 0):
@@ -225,7 +227,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         lm, torch_model, source = load_models(Path(tmp), args.model)
-    specials = Specials.of(lm.config)
+    specials = Specials.of(lm)
     rows = make_rows(specials)
     batch, ours_step, train_step = spt_jax_step(lm, rows, specials)
     theirs_step, peft_len = peft_step(torch_model, rows, specials, args.threads)
