@@ -10,12 +10,18 @@ not beat), so the finding is one number per run and its spread over seeds.
 Step 0 is the untrained prompt (embeddings of random vocabulary tokens, no instruction), not the
 zero-shot baseline: `b_baselines.py` has that.
 
+The full run is 18 tuning runs of 160 steps (hours on 2 cores), so each finished run is kept under
+``<out>/.a_saturation-runs/`` (keyed by its settings) and a later call with the same settings and
+``--out`` reuses it: an interrupted run, started again, resumes at the first unfinished tuning run.
+
     python experiments/a_saturation.py            # both embedded models, 3 tasks, 3 seeds, 0..160 every 10
     python experiments/a_saturation.py --quick    # CI-sized
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +34,7 @@ FULL = dict(models=common.EMBEDDED, tasks=("capital_of", "element_symbols", "yes
             steps=160, every=10, n_curve=32)
 QUICK = dict(models=("smollm2-135m-instruct",), tasks=("capital_of",), seeds=(0, 1), steps=10, every=5, n_curve=8)
 MARK_STEPS = (0, 10, 20, 40, 80, 160)  # validity at these steps in the summary (those the curve has)
+RUNS_DIR = ".a_saturation-runs"  # finished tuning runs under --out, reused by a later call
 
 
 def parse_args(argv=None):
@@ -38,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=common.positive, help=f"tuning steps (default {FULL['steps']})")
     p.add_argument("--every", type=common.positive, help=f"steps between validity checks (default {FULL['every']})")
     p.add_argument("--n-curve", type=common.positive, help=f"validation items per check (default {FULL['n_curve']})")
+    p.add_argument("--no-reuse", action="store_true",
+                   help=f"tune every run anew instead of reusing the finished ones kept in <out>/{RUNS_DIR}")
     args = common.settings(p.parse_args(argv), FULL, QUICK)
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds names a seed twice: {args.seeds}")
@@ -65,6 +74,37 @@ def tune_run(lm, task, args, seed: int) -> dict:
             "loss_first": result.history[0]["loss"], "loss_last": result.history[-1]["loss"],
             "median_step_time_s": statistics.median(steps) if steps else None, "wall_time_s": clock.seconds,
             "rule": {"threshold": rule.stop_threshold, "patience": rule.stop_patience}}
+
+
+def run_key(args, model: str, task: str, seed: int) -> dict:
+    """Everything that decides one tuning run's numbers: a kept run is reused only if all of it matches."""
+    from spt_jax import evaluate
+
+    return {"model": model, "task": task, "seed": seed, "steps": args.steps, "every": args.every,
+            "n_curve": args.n_curve, "spt_jax": evaluate.versions().get("spt_jax")}
+
+
+def kept_run_path(args, key: dict) -> Path:
+    name = f"{common.safe_name(key['model'])}__{common.safe_name(key['task'])}__s{key['seed']}.json"
+    return Path(args.out) / RUNS_DIR / f"steps{key['steps']}-every{key['every']}-n{key['n_curve']}" / name
+
+
+def kept_run(path: Path, key: dict) -> dict | None:
+    """A finished run kept by an earlier call with the same settings, or None (absent, other settings,
+    unreadable: the run is tuned again and the file replaced)."""
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return kept["run"] if isinstance(kept, dict) and kept.get("key") == key and "run" in kept else None
+
+
+def keep_run(path: Path, key: dict, run: dict) -> None:
+    """Write atomically (temporary file, then rename), so an interrupted write leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    common.write_json(tmp, {"key": key, "run": run})
+    tmp.replace(path)
 
 
 def spread(values) -> dict:
@@ -157,22 +197,34 @@ def run(args) -> int:
     from spt_jax import tasks
 
     clock = common.Stopwatch()
-    cells = []
+    cells, reused = [], 0
     with common.results_folder(args.out, NAME + ("_quick" if args.quick else "")) as out:
         for model in args.models:
-            lm = common.load(model)
+            lm = None  # loaded at its first run to tune, not at all when every run is kept
             for task_name in args.tasks:
                 task = tasks.get_task(task_name)
                 runs = []
                 for seed in args.seeds:
-                    common.log(f"{model} / {task.name} / seed {seed}: tuning {args.steps} steps")
-                    runs.append(tune_run(lm, task, args, seed))
-                    common.log(f"  saturated at step {runs[-1]['saturated_at_step']}, last validity "
-                               f"{runs[-1]['curve'][-1]['format_validity']:.2f} ({runs[-1]['wall_time_s']:.0f} s)")
+                    key = run_key(args, model, task.name, seed)
+                    path = kept_run_path(args, key)
+                    tuned = None if args.no_reuse else kept_run(path, key)
+                    if tuned is not None:
+                        reused += 1
+                        common.log(f"{model} / {task.name} / seed {seed}: reused the finished run in {path}")
+                    else:
+                        common.log(f"{model} / {task.name} / seed {seed}: tuning {args.steps} steps")
+                        if lm is None:
+                            lm = common.load(model)
+                        tuned = tune_run(lm, task, args, seed)
+                        keep_run(path, key, tuned)
+                        common.log(f"  saturated at step {tuned['saturated_at_step']}, last validity "
+                                   f"{tuned['curve'][-1]['format_validity']:.2f} ({tuned['wall_time_s']:.0f} s)")
+                    runs.append(tuned)
                 cells.append({"model": model, "task": task.name, "runs": runs, "mean_curve": mean_curve(runs),
                               "saturation": spread([r["saturated_at_step"] for r in runs])})
             del lm
-        data = {**common.run_header(NAME, args), "cells": cells, "wall_time_s": clock.seconds}
+        data = {**common.run_header(NAME, args), "cells": cells, "wall_time_s": clock.seconds,
+                "reused_runs": reused}  # wall_time_s is this call's; each run keeps its own
         data["plots"] = []
         for model in args.models:
             name = f"saturation_{common.safe_name(model)}.png"

@@ -107,6 +107,25 @@ def test_notebook_is_stored_without_outputs():
             assert cell["outputs"] == [] and cell["execution_count"] is None, cell["source"][:1]
 
 
+def test_a_saturation_reuses_a_kept_run_only_with_the_same_settings(tmp_path):
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import a_saturation as a
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    args = a.parse_args(["--quick", "--out", str(tmp_path)])
+    key = a.run_key(args, "smollm2-135m-instruct", "capital_of", 1)
+    path = a.kept_run_path(args, key)
+    assert a.kept_run(path, key) is None  # nothing kept yet
+    run = {"seed": 1, "saturated_at_step": None, "curve": [{"step": 0, "format_validity": 0.5}]}
+    a.keep_run(path, key, run)
+    assert path.parent.parent.name == a.RUNS_DIR and [p.name for p in path.parent.iterdir()] == [path.name]
+    assert a.kept_run(path, key) == run
+    assert a.kept_run(path, {**key, "steps": key["steps"] + 1}) is None  # other settings: tuned anew
+    path.write_text("{not json", encoding="utf-8")
+    assert a.kept_run(path, key) is None  # a damaged file is tuned anew, not an error
+
+
 # --------------------------------------------------------------------------------------------------
 # slow: the quick runs
 
@@ -131,6 +150,16 @@ def test_a_saturation_quick(tmp_path):
     rows = table_rows(summary, "model")
     assert len(rows) == 1 and rows[0][:2] == ["smollm2-135m-instruct", "capital_of"]
     assert rows[0][2] == ", ".join("-" if v is None else str(v) for v in spread["steps"])
+    assert data["reused_runs"] == 0
+
+    # Started again into the same --out, it reuses both finished runs (no model load, no tuning) and
+    # writes a second folder with the same curves; --no-reuse would tune them anew.
+    again = run_script("a_saturation.py", "--quick", "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-6000:]
+    assert again.stderr.count("reused the finished run") == 2 and "loaded smollm2" not in again.stderr
+    second = sorted(p for p in tmp_path.iterdir() if not p.name.startswith("."))[-1]
+    redo = json.loads((second / "a_saturation.json").read_text(encoding="utf-8"))
+    assert redo["reused_runs"] == 2 and redo["cells"][0]["runs"] == cell["runs"]
 
 
 @pytest.mark.slow
