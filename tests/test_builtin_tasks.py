@@ -24,6 +24,7 @@ SIZES = {
     "capitals_mc": {"train": 138, "validation": 50, "test": 304},
     "capital_of": {"train": 69, "validation": 25, "test": 152},
     "country_of_capital": {"train": 69, "validation": 25, "test": 152},
+    "capital_of_options": {"train": 69, "validation": 25, "test": 152},
     "element_symbols": {"train": 116, "validation": 52, "test": 304},
     "arithmetic_gsm": {"train": 200, "validation": 60, "test": 400},
     "yes_no": {"train": 260, "validation": 66, "test": 402},
@@ -51,7 +52,7 @@ def test_all_builtins_are_registered():
 def test_split_sizes(task):
     sizes = {s: len(task.records(s)) for s in SPLITS}
     assert sizes == SIZES[task.name]
-    if task.name in ("capital_of", "country_of_capital"):  # one question per fact: half of capitals_mc
+    if task.name in ("capital_of", "country_of_capital", "capital_of_options"):  # one question per fact: half of capitals_mc
         assert sizes["test"] >= 150 and sizes["train"] >= 60 and sizes["validation"] >= 25
     else:
         assert sizes["test"] >= 300 and sizes["train"] >= 100 and sizes["validation"] >= 50
@@ -61,7 +62,7 @@ def test_generation_settings_and_instruction(task):
     assert task.stop_sequences == ("\n",)
     assert 8 <= task.max_new_tokens <= 16
     assert task.max_new_tokens == {"arithmetic_gsm": 12, "element_symbols": 10, "capital_of": 12,
-                                   "country_of_capital": 12}.get(task.name, 8)
+                                   "country_of_capital": 12, "capital_of_options": 12}.get(task.name, 8)
     assert "Reply with one line" in task.instruction
     assert ("'#### '" if task.name == "arithmetic_gsm" else "'Answer: ") in task.instruction
     assert task.description

@@ -18,7 +18,7 @@ from spt_jax.tasks.answers import AnswerSpec, parse_number
 # free-form capital tasks
 
 
-@pytest.mark.parametrize("name", ["capital_of", "country_of_capital"])
+@pytest.mark.parametrize("name", ["capital_of", "country_of_capital", "capital_of_options"])
 def test_free_form_capital_tasks_are_true_facts_split_like_capitals_mc(name):
     task, mc = get_task(name), get_task("capitals_mc")
     for split in ("train", "validation", "test"):
@@ -27,13 +27,23 @@ def test_free_form_capital_tasks_are_true_facts_split_like_capitals_mc(name):
         assert records and {r["id"] for r in records} <= mc_ids  # the same facts in the same split
         for r in records:
             group, place, direction = r["id"].split(":")
-            want = CAPITALS[group, place] if name == "capital_of" else place
+            want = place if name == "country_of_capital" else CAPITALS[group, place]
             assert r["answer"] == want and task.gold(r) == want
             parsed, correct = task.score(task.render_target(r), r)
             assert parsed.valid and correct
             pairs, gold = task.cloze_pairs(r)
             assert pairs[gold][1] == " " + want and len({c for c, _ in pairs}) == 1
             assert pairs[0][0] == f"Question: {r['question']}\nAnswer:"
+
+
+def test_capital_of_options_shows_capital_of_items_with_their_cloze_options():
+    task, free = get_task("capital_of_options"), get_task("capital_of")
+    for split in ("train", "validation", "test"):
+        for r, f in zip(task.records(split), free.records(split), strict=True):
+            assert {k: v for k, v in r.items() if k != "options"} == f
+            assert task.render_input(r) == f"Question: {r['question']}\nOptions: {', '.join(r['choices'])}\n"
+            assert r["answer"] in r["choices"]
+    assert "one of the options" in task.instruction
 
 
 def test_capitals_mc_cloze_scores_the_choice_text_without_the_list():

@@ -147,7 +147,7 @@ def capitals_mc() -> Task:
 
 
 # --------------------------------------------------------------------------------------------------
-# capital_of, country_of_capital: the same facts as free-form answers
+# capital_of, country_of_capital, capital_of_options: the same facts as free-form answers
 # --------------------------------------------------------------------------------------------------
 
 _CAPITAL_SEED = 1234  # capitals_mc's: the three capital tasks split the facts alike
@@ -174,35 +174,60 @@ def build_capital_questions(direction: str, seed: int = _CAPITAL_SEED) -> Splits
     return out
 
 
-def _free_form_capital_task(name: str, direction: str, what: str, description: str) -> Task:
+def build_capital_options(seed: int = _CAPITAL_SEED) -> Splits:
+    """``capital_of``'s questions with their four options written out ("Paris, Lyon, Nice, Lille")."""
+    out = build_capital_questions("capital_of", seed)
+    for records in out.values():
+        for r in records:
+            r["options"] = ", ".join(r["choices"])
+    return out
+
+
+def _free_form_capital_task(name: str, build: Callable[[], Splits], instruction: str, description: str,
+                            input_template: str = "Question: {question}\n") -> Task:
     return Task(
         name=name,
-        source=GeneratedSource(lambda: build_capital_questions(direction)),
-        input_template="Question: {question}\n",
+        source=GeneratedSource(build),
+        input_template=input_template,
         target_template="Answer: {answer}",
         # the answer is a name, not a sentence: at most five words (the longest in the data is
         # "Saint Vincent and the Grenadines"), so "Answer: Malta is the capital of Malta." is a format failure
         format=FormatSpec(pattern=_NAME_ANSWER, mode="strict", stop_sequences=("\n",)),
         answer=AnswerSpec(kind="string", aliases_field="aliases"),
-        instruction=f"Answer the question. Reply with one line: 'Answer: ' followed by only the name of the {what}.",
+        instruction=instruction,
         max_new_tokens=12,
         description=description,
         cloze=ClozeSpec(context_template="Question: {question}\nAnswer:"),
     )
 
 
+def _name_instruction(what: str) -> str:
+    return f"Answer the question. Reply with one line: 'Answer: ' followed by only the name of the {what}."
+
+
 def capital_of() -> Task:
     return _free_form_capital_task(
-        "capital_of", "capital_of", "city",
+        "capital_of", lambda: build_capital_questions("capital_of"), _name_instruction("city"),
         "The capital of a country, U.S. state, Canadian province or Australian state, free-form "
         "('Answer: Paris'); split by fact as capitals_mc, whose options serve the cloze reference.")
 
 
 def country_of_capital() -> Task:
     return _free_form_capital_task(
-        "country_of_capital", "place_of", "place",
+        "country_of_capital", lambda: build_capital_questions("place_of"), _name_instruction("place"),
         "Which country, U.S. state, Canadian province or Australian state a capital belongs to, free-form "
         "('Answer: France'); split by fact as capitals_mc.")
+
+
+def capital_of_options() -> Task:
+    """Recognition in generation: the options are in view, so the soft prompt's answer and the CF
+    reference choose among the same four names (``capital_of`` asks for recall)."""
+    return _free_form_capital_task(
+        "capital_of_options", build_capital_options,
+        "Answer the question with one of the options. Reply with one line: 'Answer: ' followed by only the option.",
+        "capital_of with its four options listed after the question ('Options: Lyon, Paris, Nice, Lille'), "
+        "answered by the option's name ('Answer: Paris'); split by fact as capitals_mc.",
+        input_template="Question: {question}\nOptions: {options}\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +467,8 @@ def yes_no() -> Task:
 
 
 BUILTIN_TASKS = {"capitals_mc": capitals_mc, "capital_of": capital_of, "country_of_capital": country_of_capital,
-                 "element_symbols": element_symbols, "arithmetic_gsm": arithmetic_gsm, "yes_no": yes_no}
+                 "capital_of_options": capital_of_options, "element_symbols": element_symbols,
+                 "arithmetic_gsm": arithmetic_gsm, "yes_no": yes_no}
 
 
 def builtin_tasks() -> list[Task]:
