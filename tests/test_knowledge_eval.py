@@ -36,6 +36,19 @@ def test_free_form_capital_tasks_are_true_facts_split_like_capitals_mc(name):
             assert pairs[0][0] == f"Question: {r['question']}\nAnswer:"
 
 
+def test_capital_answers_accept_other_spellings_but_not_other_cities():
+    task = get_task("capital_of")
+    by_answer = {r["answer"]: r for s in ("train", "validation", "test") for r in task.records(s)}
+    for gold, other in [("Kyiv", "Kiev"), ("Bogotá", "Bogota"), ("Washington, D.C.", "Washington"),
+                        ("Port-au-Prince", "Port au Prince"), ("Reykjavík", "reykjavik")]:
+        record = by_answer[gold]
+        assert task.score(f"Answer: {other}", record)[1], (gold, other)
+        assert task.score(f"Answer: {gold}", record)[1]
+    assert not task.score("Answer: Odesa", by_answer["Kyiv"])[1]
+    assert not task.score("Answer: Medellin", by_answer["Bogotá"])[1]
+    assert by_answer["Paris"]["aliases"] == []  # nothing to add where the name has no accent or alias
+
+
 def test_capital_of_options_shows_capital_of_items_with_their_cloze_options():
     task, free = get_task("capital_of_options"), get_task("capital_of")
     for split in ("train", "validation", "test"):

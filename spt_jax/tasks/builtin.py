@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import unicodedata
 from collections.abc import Callable, Sequence
 from importlib import resources
 
@@ -89,8 +90,16 @@ def capital_facts() -> list[dict]:
         if r["group"] == "country" and names.count(r["name"]) > 1:
             place = f"the country of {r['name']}"  # Georgia the country, not the U.S. state
         facts.append({"group": r["group"], "name": r["name"], "capital": r["capital"],
+                      "capital_aliases": [a for a in r["capital_aliases"].split("|") if a],
                       "place": _PLACE[r["group"]][0].format(place=place, name=r["name"])})
     return facts
+
+
+def spellings(name: str, aliases: Sequence[str] = ()) -> list[str]:
+    """Accepted other spellings of a name: its aliases and, where it has accents, the name without
+    them ("Bogota" for "Bogotá", "Sao Tome" for "São Tomé")."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    return [*aliases, *([plain] if plain != name else [])]
 
 
 def _multiple_choice(gold: str, pool: Sequence[str], position: int, rng: np.random.Generator) -> list[str]:
@@ -167,8 +176,11 @@ def build_capital_questions(direction: str, seed: int = _CAPITAL_SEED) -> Splits
             if r["direction"] != direction:
                 continue
             fact = facts[r["id"].rsplit(":", 1)[0]]
-            answer = fact["capital"] if direction == "capital_of" else fact["name"]
-            items.append({"id": r["id"], "question": r["question"], "answer": answer, "aliases": [],
+            if direction == "capital_of":
+                answer, aliases = fact["capital"], spellings(fact["capital"], fact["capital_aliases"])
+            else:
+                answer, aliases = fact["name"], spellings(fact["name"])
+            items.append({"id": r["id"], "question": r["question"], "answer": answer, "aliases": aliases,
                           "choices": list(r["choices"]), "group": r["group"]})
         out[split] = items
     return out
