@@ -41,15 +41,14 @@ def parse_args(argv=None):
                    help="the test sample, demonstrations and prompt seed (default 0)")
     args = common.settings(p.parse_args(argv), FULL, QUICK)
     if args.tasks == ("builtin",):
-        args.tasks = BUILTIN
+        from spt_jax import tasks
+
+        args.tasks = tuple(tasks.builtin_task_names())
     if 0 in args.ks or len(set(args.ks)) != len(args.ks):
         p.error(f"--ks must be distinct k >= 1 (zero-shot always runs), got {args.ks}")
     args.ks = tuple(sorted(args.ks))
     common.check_names(p, models=args.models, tasks=args.tasks)
     return args
-
-
-BUILTIN = ("capital_of", "capitals_mc", "country_of_capital", "element_symbols", "arithmetic_gsm", "yes_no")
 
 
 # --------------------------------------------------------------------------------------------------

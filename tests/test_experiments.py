@@ -9,6 +9,7 @@ contract (bad names exit 2 with one line and write nothing) and that only the pu
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -107,12 +108,16 @@ def test_notebook_is_stored_without_outputs():
             assert cell["outputs"] == [] and cell["execution_count"] is None, cell["source"][:1]
 
 
-def test_a_saturation_reuses_a_kept_run_only_with_the_same_settings(tmp_path):
+def import_experiment(name: str):
     sys.path.insert(0, str(EXPERIMENTS))
     try:
-        import a_saturation as a
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(EXPERIMENTS))
+
+
+def test_a_saturation_reuses_a_kept_run_only_with_the_same_settings(tmp_path):
+    a = import_experiment("a_saturation")
     args = a.parse_args(["--quick", "--out", str(tmp_path)])
     key = a.run_key(args, "smollm2-135m-instruct", "capital_of", 1)
     path = a.kept_run_path(args, key)
@@ -124,6 +129,27 @@ def test_a_saturation_reuses_a_kept_run_only_with_the_same_settings(tmp_path):
     assert a.kept_run(path, {**key, "steps": key["steps"] + 1}) is None  # other settings: tuned anew
     path.write_text("{not json", encoding="utf-8")
     assert a.kept_run(path, key) is None  # a damaged file is tuned anew, not an error
+
+
+def test_the_full_a_run_kept_in_the_repository_is_complete_and_reused_by_the_default_settings():
+    a = import_experiment("a_saturation")
+    args = a.parse_args(["--out", str(EXPERIMENTS / "full-runs")])
+    for model in args.models:
+        for task in args.tasks:
+            for seed in args.seeds:  # a changed default or version would make the kept runs stale
+                key = a.run_key(args, model, task, seed)
+                run = a.kept_run(a.kept_run_path(args, key), key)
+                assert run is not None and run["seed"] == seed, key
+                assert [p["step"] for p in run["curve"]] == list(range(0, args.steps + 1, args.every))
+
+
+def test_b_baselines_builtin_means_every_built_in_task():
+    from spt_jax import tasks
+
+    b = import_experiment("b_baselines")
+    names = b.parse_args(["--tasks", "builtin"]).tasks
+    assert names == tuple(tasks.builtin_task_names()) and "capital_of_options" in names
+    assert all(tasks.get_task(n).name == n for n in names)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -85,6 +85,13 @@ def list_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def builtin_task_names() -> list[str]:
+    """Names of the built-in offline tasks, in their registry's order."""
+    from spt_jax.tasks.builtin import BUILTIN_TASKS
+
+    return list(BUILTIN_TASKS)
+
+
 def _register_builtins() -> None:
     from spt_jax.tasks.builtin import builtin_tasks
 
@@ -105,6 +112,7 @@ __all__ = [
     "Record",
     "Task",
     "TfdsSource",
+    "builtin_task_names",
     "get_task",
     "list_tasks",
     "load_task_file",
