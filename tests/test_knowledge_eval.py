@@ -54,9 +54,19 @@ def test_capital_of_options_shows_capital_of_items_with_their_cloze_options():
     for split in ("train", "validation", "test"):
         for r, f in zip(task.records(split), free.records(split), strict=True):
             assert {k: v for k, v in r.items() if k != "options"} == f
-            assert task.render_input(r) == f"Question: {r['question']}\nOptions: {', '.join(r['choices'])}\n"
+            options = task.render_input(r).removeprefix(f"Question: {r['question']}\nOptions: ")
+            assert options.endswith("\n") and options[:-1].split("; ") == r["choices"]  # "Washington, D.C." is one
             assert r["answer"] in r["choices"]
+            for choice in r["choices"]:  # no other spelling of the gold makes a distractor right
+                assert task.score(f"Answer: {choice}", r)[1] == (choice == r["answer"]), (r["id"], choice)
     assert "one of the options" in task.instruction
+
+
+def test_other_spellings_stay_with_their_own_name():
+    capitals = {c for c in CAPITALS.values()} | {"Kiev", "Washington", "Tarawa"}
+    for r in (r for s in ("train", "validation", "test") for r in get_task("country_of_capital").records(s)):
+        assert not set(r["aliases"]) & capitals  # a capital's spellings never answer for its country
+        assert all(a.isascii() and a != r["answer"] for a in r["aliases"])  # only the accent-free place name
 
 
 def test_capitals_mc_cloze_scores_the_choice_text_without_the_list():

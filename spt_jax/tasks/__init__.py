@@ -86,7 +86,7 @@ def list_tasks() -> list[str]:
 
 
 def builtin_task_names() -> list[str]:
-    """Names of the built-in offline tasks, in their registry's order."""
+    """Names of the built-in offline tasks (no benchmark data needed), in `BUILTIN_TASKS` order."""
     from spt_jax.tasks.builtin import BUILTIN_TASKS
 
     return list(BUILTIN_TASKS)

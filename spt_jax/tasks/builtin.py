@@ -95,9 +95,9 @@ def capital_facts() -> list[dict]:
     return facts
 
 
-def spellings(name: str, aliases: Sequence[str] = ()) -> list[str]:
-    """Accepted other spellings of a name: its aliases and, where it has accents, the name without
-    them ("Bogota" for "Bogotá", "Sao Tome" for "São Tomé")."""
+def other_spellings(name: str, aliases: Sequence[str] = ()) -> list[str]:
+    """Other accepted spellings of a name: its aliases and, where it has combining accents, the name
+    without them ("Bogota" for "Bogotá", "Asuncion" for "Asunción")."""
     plain = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
     return [*aliases, *([plain] if plain != name else [])]
 
@@ -159,7 +159,8 @@ def capitals_mc() -> Task:
 # capital_of, country_of_capital, capital_of_options: the same facts as free-form answers
 # --------------------------------------------------------------------------------------------------
 
-_CAPITAL_SEED = 1234  # capitals_mc's: the three capital tasks split the facts alike
+_CAPITAL_SEED = 1234  # capitals_mc's: every capital task splits the facts alike
+OPTION_SEPARATOR = "; "  # capital_of_options' list: no capital name has a semicolon
 _NAME_ANSWER = r"Answer: (?P<answer>\S+(?: \S+){0,4}?)\.?"
 
 
@@ -177,9 +178,9 @@ def build_capital_questions(direction: str, seed: int = _CAPITAL_SEED) -> Splits
                 continue
             fact = facts[r["id"].rsplit(":", 1)[0]]
             if direction == "capital_of":
-                answer, aliases = fact["capital"], spellings(fact["capital"], fact["capital_aliases"])
+                answer, aliases = fact["capital"], other_spellings(fact["capital"], fact["capital_aliases"])
             else:
-                answer, aliases = fact["name"], spellings(fact["name"])
+                answer, aliases = fact["name"], other_spellings(fact["name"])
             items.append({"id": r["id"], "question": r["question"], "answer": answer, "aliases": aliases,
                           "choices": list(r["choices"]), "group": r["group"]})
         out[split] = items
@@ -187,11 +188,12 @@ def build_capital_questions(direction: str, seed: int = _CAPITAL_SEED) -> Splits
 
 
 def build_capital_options(seed: int = _CAPITAL_SEED) -> Splits:
-    """``capital_of``'s questions with their four options written out ("Paris, Lyon, Nice, Lille")."""
+    """``capital_of``'s questions with their four options written out ("Lima; Paris; Oslo; Hanoi"),
+    separated by semicolons because one capital has a comma ("Washington, D.C.")."""
     out = build_capital_questions("capital_of", seed)
     for records in out.values():
         for r in records:
-            r["options"] = ", ".join(r["choices"])
+            r["options"] = OPTION_SEPARATOR.join(r["choices"])
     return out
 
 
@@ -232,12 +234,13 @@ def country_of_capital() -> Task:
 
 
 def capital_of_options() -> Task:
-    """Recognition in generation: the options are in view, so the soft prompt's answer and the CF
-    reference choose among the same four names (``capital_of`` asks for recall)."""
+    """Recognition in generation: the four names the CF reference chooses among are in view
+    (``capital_of`` asks for recall). The format does not force an option: a name outside them is a
+    well-formed, wrong answer."""
     return _free_form_capital_task(
         "capital_of_options", build_capital_options,
         "Answer the question with one of the options. Reply with one line: 'Answer: ' followed by only the option.",
-        "capital_of with its four options listed after the question ('Options: Lyon, Paris, Nice, Lille'), "
+        "capital_of with its four options listed after the question ('Options: Lima; Paris; Oslo; Hanoi'), "
         "answered by the option's name ('Answer: Paris'); split by fact as capitals_mc.",
         input_template="Question: {question}\nOptions: {options}\n")
 
