@@ -10,9 +10,10 @@ not beat), so the finding is one number per run and its spread over seeds.
 Step 0 is the untrained prompt (embeddings of random vocabulary tokens, no instruction), not the
 zero-shot baseline: `b_baselines.py` has that.
 
-The full run is 18 tuning runs of 160 steps (77.8 min on a 2-core Zen 4), so each finished run is kept under
-``<out>/.a_saturation-runs/`` (keyed by its settings) and a later call with the same settings and
-``--out`` reuses it: an interrupted run, started again, resumes at the first unfinished tuning run.
+The full run is 18 tuning runs of 160 steps (77.8 min on a 2-core Zen 4), so each finished run is
+kept under ``<out>/.a_saturation-runs/`` (keyed by its settings) and a later call with the same
+settings and ``--out`` reuses it: an interrupted run, started again, resumes at the first
+unfinished tuning run.
 
     python experiments/a_saturation.py            # both embedded models, 3 tasks, 3 seeds, 0..160 every 10
     python experiments/a_saturation.py --quick    # CI-sized
