@@ -52,7 +52,8 @@ def test_all_builtins_are_registered():
 def test_split_sizes(task):
     sizes = {s: len(task.records(s)) for s in SPLITS}
     assert sizes == SIZES[task.name]
-    if task.name in ("capital_of", "country_of_capital", "capital_of_options"):  # one question per fact: half of capitals_mc
+    one_per_fact = ("capital_of", "country_of_capital", "capital_of_options")  # half of capitals_mc
+    if task.name in one_per_fact:
         assert sizes["test"] >= 150 and sizes["train"] >= 60 and sizes["validation"] >= 25
     else:
         assert sizes["test"] >= 300 and sizes["train"] >= 100 and sizes["validation"] >= 50

@@ -63,7 +63,7 @@ def test_capital_of_options_shows_capital_of_items_with_their_cloze_options():
 
 
 def test_other_spellings_stay_with_their_own_name():
-    capitals = {c for c in CAPITALS.values()} | {"Kiev", "Washington", "Tarawa"}
+    capitals = set(CAPITALS.values()) | {"Kiev", "Washington", "Tarawa"}
     for r in (r for s in ("train", "validation", "test") for r in get_task("country_of_capital").records(s)):
         assert not set(r["aliases"]) & capitals  # a capital's spellings never answer for its country
         assert all(a.isascii() and a != r["answer"] for a in r["aliases"])  # only the accent-free place name
