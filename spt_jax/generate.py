@@ -38,6 +38,7 @@ from spt_jax import sequence as seq
 from spt_jax.errors import ConfigError, DataError
 from spt_jax.models.transformer import positions_from_mask, unstack_layers
 from spt_jax.prefix import PrefixCache, PrefixKV, batch_cache, progress_bar, resolve_prefix
+from spt_jax.system import release_freed_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,8 @@ def generate(
         )
         for i, text in zip(batch, decoded):
             outputs[i] = seq.cut_at_stop(text, config.stop_sequences)
+    del run  # its per-layer weight copies, before their pages go back to the OS
+    release_freed_memory()
     return outputs
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import sys
@@ -135,6 +136,36 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
     except FileNotFoundError:
         return False
+
+
+# --------------------------------------------------------------------------------------------------
+# memory
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``); a no-op elsewhere.
+
+    XLA:CPU takes its buffers from malloc. What a generation call frees stays in glibc's arenas,
+    fragmented, so the tuning steps after a validity check grew the process by 0.3-0.4 GB per check
+    (Gemma-3-270M: 3.40 GB peak over three checks, 2.60 GB with a trim after each; BUILD_NOTES).
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # musl has none
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def _scripted_answer(lm, text, prefix_text, soft):
     a, b = (int(x) for x in question.split("+"))
     if soft:
         return "A: A" if (a + b) % 3 else "A: B"
-    if prefix_text:
+    if "Q: " in prefix_text:  # demonstrations (zero-shot's prefix is the instruction alone)
         return "A: B\nmore" if (a + b) % 2 else "the answer is B"
     return "I think A"
 
@@ -207,7 +207,9 @@ def test_metrics_match_predictions_jsonl(full_run):
     soft = [r for r in rows if r["mode"] == "soft_prompt"]
     zero = [r for r in rows if r["mode"] == "zero_shot"]
     assert [r["index"] for r in soft] == [r["index"] for r in zero]  # the same items in every mode
-    assert zero[0]["input"].startswith("Say A: X.") and soft[0]["input"].startswith("Q: ")
+    assert zero[0]["input"].startswith("Q: ") and soft[0]["input"].startswith("Q: ")  # after the instruction
+    by_mode = {row["mode"]: row for row in results["results"]}
+    assert by_mode["zero_shot"]["prefix_text"] == "Say A: X.\n\n"  # zero-shot's cached prefix
     loglik = [r for r in rows if r["mode"] == "loglik"]
     assert all(r["valid"] and r["output"] in ("A: A", "A: B") for r in loglik)
 

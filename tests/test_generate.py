@@ -195,6 +195,16 @@ def test_scanned_decode_off_cpu_gives_the_per_layer_decodes_outputs(lm, monkeypa
     assert "unstack_layers" not in scanned_lm.compiled.traces
 
 
+def test_generation_drops_its_weight_copies_before_returning_freed_memory(lm, monkeypatch):
+    """The per-layer copies are gone when the heap is trimmed, so their pages can go back."""
+    layer_shapes = {x.shape[1:] for x in jax.tree.leaves(lm.params["layers"]) if x.ndim > 2}  # the matrices
+    count = lambda: sum(a.shape in layer_shapes for a in jax.live_arrays())  # noqa: E731
+    before, at_release = count(), []
+    monkeypatch.setattr(gen, "release_freed_memory", lambda: at_release.append(count()))
+    gen.generate(lm, TEXTS, config=NO_STOP)
+    assert at_release == [before]
+
+
 def test_long_inputs_are_cut_from_the_left_with_a_warning(lm):
     config = gen.GenerationConfig(max_new_tokens=4, stop_sequences=(), batch_size=2, length_buckets=(8, 16))
     long = "abcdefghijklmnopqrstuvwxyz"

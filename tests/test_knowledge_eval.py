@@ -257,9 +257,9 @@ def test_chat_template_wraps_every_mode_as_one_user_turn(tmp_path):
     results = ev.evaluate(lm, toy_task(), config, tmp_path, progress=False,
                           backends=ev.Backends(generate=generate, tune=tune))
     assert results["config"]["chat_template"] is True
-    zero = [t for p, t, soft in seen if p == "" and not soft][:3]
-    assert all(t.startswith("<|user|>") and t.endswith("<|end|><|assistant|>") for t in zero)
-    few = [(p, t) for p, t, soft in seen if p not in ("", "train")]
+    prefixed = [(p, t) for p, t, soft in seen if p != "train" and not soft]  # zero-shot: the instruction alone
+    zero, few = [x for x in prefixed if "Q: " not in x[0]], [x for x in prefixed if "Q: " in x[0]]
+    assert zero and all(p.startswith("<|user|>") and t.endswith("<|end|><|assistant|>") for p, t in zero)
     assert few and all(p.startswith("<|user|>") and t.endswith("<|end|><|assistant|>") for p, t in few)
     train = [t for p, t, _ in seen if p == "train"]
     assert train and all(t.startswith("<|user|>") for t in train)

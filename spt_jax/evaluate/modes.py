@@ -165,14 +165,28 @@ def mode_label(row: Mapping) -> str:
 # the built-in modes
 
 
+def shared_prefix(ctx, prefix: str, fields: Mapping | None = None) -> Prepared:
+    """Every item after the same ``prefix`` text (instruction, demonstrations), KV-cached once.
+
+    With a chat template the prefix and the item share one user turn; the turn's head is cached too.
+    """
+    inputs = [ctx.task.render_input(r) for r in ctx.records]
+    if ctx.chat is not None:
+        prefix, inputs = ctx.chat.head + prefix, [text + ctx.chat.tail for text in inputs]
+    return Prepared(inputs=inputs, prefix_text=prefix, fields=dict(fields or {}))
+
+
 @register_mode
 class ZeroShot(GenerationMode):
-    """The task's instruction describes the format in words; no demonstrations, no prompt."""
+    """The task's instruction describes the format in words; no demonstrations, no prompt.
+
+    The instruction is the same for every item: it runs once, as a cached prefix (k = 0 few-shot).
+    """
 
     name, label, aliases = "zero_shot", "zero-shot", ("zero-shot", "zero")
 
     def prepare(self, ctx) -> Prepared:
-        return Prepared(inputs=[ctx.wrap(ctx.task.zero_shot_prompt(r)) for r in ctx.records])
+        return shared_prefix(ctx, ctx.task.fewshot_prefix(0, ctx.config.seed))  # the instruction alone
 
 
 @register_mode
@@ -188,11 +202,8 @@ class FewShot(GenerationMode):
     def prepare(self, ctx) -> Prepared:
         if ctx.config.fewshot_form == "lm_eval":
             return self._lm_eval_form(ctx)
-        prefix = ctx.task.fewshot_prefix(ctx.config.k, ctx.config.seed)
-        inputs = [ctx.task.render_input(r) for r in ctx.records]
-        if ctx.chat is not None:  # demonstrations and question in one user turn; the demos stay cached
-            prefix, inputs = ctx.chat.head + prefix, [text + ctx.chat.tail for text in inputs]
-        return Prepared(inputs=inputs, prefix_text=prefix, fields={"k": ctx.config.k, "fewshot_form": "shared"})
+        return shared_prefix(ctx, ctx.task.fewshot_prefix(ctx.config.k, ctx.config.seed),
+                             fields={"k": ctx.config.k, "fewshot_form": "shared"})
 
     @staticmethod
     def _lm_eval_form(ctx) -> Prepared:
