@@ -26,6 +26,7 @@ from spt_jax import sequence as seq
 from spt_jax.errors import ConfigError, DataError
 from spt_jax.models.transformer import positions_from_mask
 from spt_jax.prefix import PrefixCache, PrefixKV, batch_cache, prefix_cache, progress_bar, resolve_prefix
+from spt_jax.tune.mesh import DATA, OnMesh, as_mesh, placed_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,17 +153,28 @@ def loglikelihoods(
 
 
 def _score_batch(graphdef, params, prefix: PrefixKV, ids, valid, n_cont, *, width: int, cache_shardings=None):
-    """Per continuation token ``[B, width]``: log-probability and whether it is the argmax.
-
-    The continuation fills the last ``n_cont`` slots of each left-padded row. Its first token is
-    predicted by the slot before it, or by the prefix's last token when the context is empty.
-    """
+    """Per continuation token ``[B, width]``: log-probability and whether it is the argmax, every
+    row continuing the one shared ``prefix``."""
     model = nnx.merge(graphdef, params)
     B, T = ids.shape
     cache = batch_cache(model.config, prefix, B, T, model.dtype, cache_shardings)
-    hidden, _ = model(model.embed(ids), positions_from_mask(valid, prefix.length), valid, cache)
-    # Slot 0 is the prefix's last token, slot s + 1 the input's slot s.
-    with_prefix = jnp.concatenate([jnp.broadcast_to(prefix.last_hidden, (B, 1, hidden.shape[-1])), hidden], 1)
+    last_hidden = jnp.broadcast_to(prefix.last_hidden, (B, prefix.last_hidden.shape[-1]))
+    return _score_rows(model, cache, last_hidden, prefix.length, ids, valid, n_cont, width)
+
+
+def _score_rows(model, cache, last_hidden, offset, ids, valid, n_cont, width: int, n_scored: int | None = None):
+    """`_score_batch` from a ready ``cache``: row b continues a context of ``offset`` (``[]`` or
+    ``[B]``) positions whose last token's hidden state is ``last_hidden[b]``. ``n_scored`` (static,
+    at least ``n_cont.sum()``): project only that many slots onto the vocabulary, not ``B * width``.
+
+    The continuation fills the last ``n_cont`` slots of each left-padded row. Its first token is
+    predicted by the slot before it, or by the context's last token when the row holds nothing else.
+    """
+    B, T = ids.shape
+    positions = positions_from_mask(valid, jnp.reshape(offset, (-1, 1)))
+    hidden, _ = model(model.embed(ids), positions, valid, cache)
+    # Slot 0 is the context's last token, slot s + 1 the input's slot s.
+    with_prefix = jnp.concatenate([last_hidden[:, None].astype(hidden.dtype), hidden], 1)
     n_input = valid.sum(axis=1)
     c = jnp.arange(width)[None]  # [1, C]
     in_range = c < n_cont[:, None]  # [B, C]
@@ -170,12 +182,40 @@ def _score_batch(graphdef, params, prefix: PrefixKV, ids, valid, n_cont, *, widt
     predictor = jnp.where(target_slot - 1 >= T - n_input[:, None], target_slot, 0)  # in with_prefix
     predictor = jnp.where(in_range, predictor, 0)
     picked = jnp.take_along_axis(with_prefix, predictor[..., None], axis=1)  # [B, C, D]
-    logits = model.logits(picked)  # [B, C, V]
     targets = jnp.take_along_axis(ids, target_slot, axis=1)  # [B, C]
+    if n_scored is None or n_scored >= B * width:
+        target_logprob, is_greedy = _head_scores(model, picked, targets)
+    else:  # the vocabulary projection only at the first n_scored slots in range (all of them)
+        at = jnp.argsort(~in_range.reshape(-1), stable=True)[:n_scored]
+        flat_logprob, flat_greedy = _head_scores(model, picked.reshape(B * width, -1)[at], targets.reshape(-1)[at])
+        target_logprob = jnp.zeros(B * width, flat_logprob.dtype).at[at].set(flat_logprob).reshape(B, width)
+        is_greedy = jnp.zeros(B * width, bool).at[at].set(flat_greedy).reshape(B, width)
+    return jnp.where(in_range, target_logprob, 0.0), jnp.where(in_range, is_greedy, True)
+
+
+def _head_scores(model, hidden, targets):
+    """Log-probability of each target under the logits of ``hidden`` ``[..., D]``, and whether it is
+    the argmax."""
+    logits = model.logits(hidden)  # [..., V]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     target_logprob = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    is_greedy = jnp.argmax(logits, axis=-1) == targets
-    return jnp.where(in_range, target_logprob, 0.0), jnp.where(in_range, is_greedy, True)
+    return target_logprob, jnp.argmax(logits, axis=-1) == targets
+
+
+def _score_shared_contexts(graphdef, params, base: PrefixKV, ctx_ids, ctx_valid, row_item, ids, valid, n_cont, *,
+                           width: int, n_scored: int):
+    """`_score_batch` for rows that continue one of several contexts: ``ctx_ids`` ``[I, Tc]`` (left
+    padded, after ``base``) run once each, then row r continues context ``row_item[r]``."""
+    model = nnx.merge(graphdef, params)
+    n_items, ctx_len = ctx_ids.shape
+    cache = batch_cache(model.config, base, n_items, ctx_len + ids.shape[1], model.dtype)
+    hidden, cache = model(model.embed(ctx_ids), positions_from_mask(ctx_valid, base.length), ctx_valid, cache)
+    n_ctx = ctx_valid.sum(axis=1)
+    last_hidden = jnp.where((n_ctx > 0)[:, None], hidden[:, -1], base.last_hidden.astype(hidden.dtype))
+    rows = lambda x, axis: jnp.take(x, row_item, axis=axis)  # noqa: E731
+    cache = cache.replace(k=rows(cache.k, 1), v=rows(cache.v, 1), pos=rows(cache.pos, 0))
+    return _score_rows(model, cache, rows(last_hidden, 0), base.length + rows(n_ctx, 0), ids, valid, n_cont, width,
+                       n_scored)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,6 +288,15 @@ def choice_predictions(
     )
 
 
+# Rows x cache slots one shared-context call may hold: a choice row carries its own copy of its
+# context's KV, so long contexts (5-shot MMLU) go one item a call and short ones (a question) eight.
+SHARED_CONTEXT_SLOTS = 4096
+SHARED_CONTEXT_ITEMS = 8
+# The vocabulary projection runs on a chunk's real continuation tokens, their count rounded up to
+# this (a static shape: coarser compiles fewer shapes, finer projects fewer padding slots).
+SCORED_SLOTS_ROUNDING = 32
+
+
 def item_choice_loglikelihoods(
     lm,
     items: Sequence[Sequence[tuple[str, str]]],
@@ -258,30 +307,110 @@ def item_choice_loglikelihoods(
 ) -> list[np.ndarray]:
     """Per item, the log-likelihood ``[n_choices]`` of each (context, continuation) pair.
 
-    Pairs that share their context (a cloze item's choices) are scored in one pass from that
-    context: its KV is computed once as the item's prefix and the choices continue it as one batch,
-    instead of recomputing the context for every choice. Items whose choices have different
-    contexts (Winogrande's partial scoring) are scored pair by pair. ``mesh``: as in
-    `score_continuations` (an item's batch is padded to a multiple of the ``data`` axis).
+    Pairs that share their context (a cloze item's choices) are scored from one computation of that
+    context: its KV is computed once and every choice continues it, instead of recomputing the
+    context for every choice. Several such items go in one call, contexts batched first and choices
+    after (up to `SHARED_CONTEXT_ITEMS`, within `SHARED_CONTEXT_SLOTS`). Items whose choices have
+    different contexts (Winogrande's partial scoring) are scored pair by pair. ``mesh``: as in
+    `score_continuations` (contexts and choice rows over ``data``, padded to a multiple of it).
     """
-    data, params = 1, None
-    if mesh is not None:
-        from spt_jax.tune.mesh import DATA, as_mesh, placed_params
-
-        mesh = as_mesh(mesh)
-        data, params = int(mesh.shape[DATA]), placed_params(lm, mesh)
-    out = []
-    for pairs in progress_bar(list(items), progress, "score items"):
+    items = [list(pairs) for pairs in items]
+    for pairs in items:
         if not pairs:
             raise DataError("an item has no answer choices")
-        contexts = {context for context, _ in pairs}
-        batch_size = math.lcm(seq.pow2_width(len(pairs), 1), data)
-        if len(contexts) == 1:
-            prefix = prefix_cache(lm, soft_prompt, pairs[0][0], mesh=mesh, params=params)
-            scores = score_continuations(lm, [""] * len(pairs), [c for _, c in pairs], prefix=prefix,
-                                         batch_size=batch_size, mesh=mesh).loglikelihood
-        else:
-            scores = score_continuations(lm, [c for c, _ in pairs], [x for _, x in pairs], soft_prompt=soft_prompt,
-                                         batch_size=batch_size, mesh=mesh).loglikelihood
-        out.append(np.asarray(scores, np.float64))
-    return out
+    shared = [len({context for context, _ in pairs}) == 1 for pairs in items]
+    run, data = _shared_runner(lm, mesh)
+    out: list[np.ndarray | None] = [None] * len(items)
+    for i in (i for i, is_shared in enumerate(shared) if not is_shared):
+        pairs = items[i]
+        out[i] = score_continuations(lm, [c for c, _ in pairs], [x for _, x in pairs], soft_prompt=soft_prompt,
+                                     batch_size=math.lcm(seq.pow2_width(len(pairs), 1), data), mesh=mesh).loglikelihood
+    base = prefix_cache(lm, soft_prompt, mesh=None if mesh is None else as_mesh(mesh),
+                        params=None if mesh is None else placed_params(lm, mesh))
+    encoded = {i: _encode_shared_item(lm, items[i], base) for i, is_shared in enumerate(shared) if is_shared}
+    for chunk in progress_bar(_shared_chunks(encoded, base.bucket), progress, "score items"):
+        for i, scores in zip(chunk, _score_chunk(lm, run, data, base, [encoded[i] for i in chunk])):
+            out[i] = scores
+    return [np.asarray(scores, np.float64) for scores in out]
+
+
+def _shared_runner(lm, mesh):
+    """``run(kv, rows, width, n_scored)`` for `_score_shared_contexts`, and the multiple of rows a
+    call needs: one device, or ``mesh`` with every row array over ``data`` and the scores replicated."""
+    static = ("graphdef", "width", "n_scored")
+    if mesh is None:
+        jitted = lm.compiled.jit("score_shared", _score_shared_contexts, static_argnames=static)
+        return (lambda kv, rows, width, n_scored: jitted(lm.graphdef, lm.params, kv, *map(jnp.asarray, rows.values()),
+                                                         width=width, n_scored=n_scored)), 1  # fmt: skip
+    on = OnMesh(mesh=as_mesh(mesh), params=placed_params(lm, mesh))
+
+    def build(width: int, n_scored: int):
+        fn = functools.partial(_score_shared_contexts, lm.graphdef, width=width, n_scored=n_scored)
+        repl, rows = on.replicated, on.rows
+        return jax.jit(lm.compiled.counted("score_shared", fn), in_shardings=(on.param_shardings(lm), repl) + (rows,) * 6,
+                       out_shardings=(repl, repl))
+
+    def run(kv, rows, width, n_scored):
+        jitted = lm.compiled.memo(("score_shared", on.mesh, width, n_scored), lambda: build(width, n_scored))
+        with on.context():
+            return jitted(on.params, on.replicate(kv), *on.batch(rows).values())
+
+    return run, int(on.mesh.shape[DATA])
+
+
+def _encode_shared_item(lm, pairs, base: PrefixCache) -> tuple[list[int], list[list[int]]]:
+    """Context ids (cut from the left to fit) and each choice's ids, tokenized as `prefix_cache`
+    and `score_continuations` would with the context as the prefix text: the context without its
+    trailing whitespace, which goes to the front of every continuation."""
+    context = pairs[0][0]
+    stripped = context.rstrip()
+    conts = [seq.encode(lm.tokenizer, context[len(stripped) :] + x) for _, x in pairs]
+    context_ids = seq.encode(lm.tokenizer, stripped) if stripped else []
+    if not context_ids and base.length == 0:
+        raise DataError(f"context {context!r} tokenizes to nothing and there is no BOS or soft prompt, so a "
+                        "continuation's first token has nothing to be predicted from")
+    room = min(lm.config.max_position_embeddings, max(seq.GENERATION_BUCKETS)) - base.length
+    room -= seq.pow2_width(max(map(len, conts)), seq.MIN_CONTINUATION_WIDTH)
+    if room < 1:
+        raise DataError(f"a continuation of {max(map(len, conts))} tokens leaves no room for its context "
+                        f"in {lm.name}'s context of {lm.config.max_position_embeddings} tokens")
+    return seq.truncate_all_left([context_ids], room, what="cloze contexts")[0], conts
+
+
+def _shared_chunks(encoded: dict, prefix_bucket: int) -> list[list[int]]:
+    """Items grouped by context length (fewer shapes, less padding), each call within the row-slot
+    and item limits."""
+    chunks, chunk = [], []
+    for i in sorted(encoded, key=lambda i: len(encoded[i][0])):
+        trial = chunk + [i]
+        rows = seq.pow2_width(sum(len(encoded[j][1]) for j in trial), 1)
+        context_slots = seq.bucket_length(max(len(encoded[j][0]) for j in trial), seq.GENERATION_BUCKETS)
+        width = seq.pow2_width(max(len(x) for j in trial for x in encoded[j][1]), seq.MIN_CONTINUATION_WIDTH)
+        slots = prefix_bucket + context_slots + width
+        if chunk and (len(trial) > SHARED_CONTEXT_ITEMS or rows * slots > SHARED_CONTEXT_SLOTS):
+            chunks.append(chunk)
+            trial = [i]
+        chunk = trial
+    return chunks + ([chunk] if chunk else [])
+
+
+def _score_chunk(lm, run, multiple: int, base: PrefixCache, encoded) -> list[np.ndarray]:
+    """Scores of a chunk's items: contexts padded to a length bucket, choices to a power of two
+    (and both row counts to a multiple of ``multiple``, the mesh's ``data`` axis)."""
+    pad = seq.pad_id(lm)
+    n_rows = lambda n: math.lcm(seq.pow2_width(n, 1), multiple)  # noqa: E731
+    contexts = [context_ids for context_ids, _ in encoded]
+    contexts += [[]] * (n_rows(len(contexts)) - len(contexts))
+    ctx_ids, ctx_valid = seq.left_pad(contexts, seq.bucket_length(max(map(len, contexts)), seq.GENERATION_BUCKETS), pad)
+    conts = [x for _, item_conts in encoded for x in item_conts]
+    row_item = [i for i, (_, item_conts) in enumerate(encoded) for _ in item_conts]
+    empty = n_rows(len(conts)) - len(conts)
+    width = seq.pow2_width(max(map(len, conts)), seq.MIN_CONTINUATION_WIDTH)
+    ids, valid = seq.left_pad(conts + [[]] * empty, width, pad)
+    n_cont = np.array([len(x) for x in conts] + [0] * empty, np.int32)
+    rows = {"ctx_ids": ctx_ids, "ctx_valid": ctx_valid, "row_item": np.array(row_item + [0] * empty, np.int32),
+            "ids": ids, "valid": valid, "n_cont": n_cont}
+    token_logprobs, _ = run(base.kv, rows, width, seq.round_up(int(n_cont.sum()), SCORED_SLOTS_ROUNDING))
+    totals = np.asarray(token_logprobs, np.float64).sum(axis=1)
+    bounds = np.cumsum([0] + [len(item_conts) for _, item_conts in encoded])
+    return [totals[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

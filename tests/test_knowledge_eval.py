@@ -91,6 +91,28 @@ def test_item_scoring_from_a_shared_context_equals_scoring_each_pair():
         np.testing.assert_allclose(scores, want, atol=1e-4)
 
 
+def test_items_batched_by_shared_context_score_as_each_pair_alone(monkeypatch):
+    """Items of different context lengths and choice counts, split over several calls (a small slot
+    budget), a context with a trailing space, and a soft prompt: each score equals the pair's own."""
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(scoring, "SHARED_CONTEXT_SLOTS", 160)
+    lm = make_tiny_lm()
+    items = [[(f"Q: {'x' * (3 * i)} {i}?\nA:", f" {c}") for c in ("yes", "no", "maybe")[: 2 + i % 2]]
+             for i in range(11)]
+    items[4] = [("Trailing space ", "A"), ("Trailing space ", "BB")]
+    items[7] = [("ab c", " d"), ("ab e", " f")]  # one context per choice: scored pair by pair
+    soft = jnp.asarray(np.random.default_rng(0).normal(size=(3, lm.config.d_model)), jnp.float32)
+    for soft_prompt in (None, soft):
+        got = scoring.item_choice_loglikelihoods(lm, items, soft_prompt=soft_prompt)
+        assert [len(g) for g in got] == [len(item) for item in items]
+        for item, scores in zip(items, got):
+            want = [scoring.score_continuations(lm, [""], [x], soft_prompt=soft_prompt, prefix_text=c).loglikelihood[0]
+                    for c, x in item] if len({c for c, _ in item}) == 1 else scoring.loglikelihoods(
+                        lm, [c for c, _ in item], [x for _, x in item], soft_prompt=soft_prompt)
+            np.testing.assert_allclose(scores, want, atol=1e-4)
+
+
 def test_cloze_references_run_as_two_labelled_rows(tmp_path):
     task = toy_task()
     import dataclasses
