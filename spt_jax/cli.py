@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(argv: list[str]) -> int:
     """The command's status, or the exit code of the one-line error it ended with."""
     from spt_jax.errors import environment_fault
+    from spt_jax.system import enable_compilation_cache
 
     try:
         args = build_parser().parse_args(argv or ["run"])  # no arguments: the main job
@@ -290,6 +291,7 @@ def _run_command(argv: list[str]) -> int:
             raise UsageError(f"{PROG}: name a command: {', '.join(COMMANDS)} (see '{PROG} --help')")
         if getattr(args, "distributed", None) is not None:
             _start_distributed(args.distributed)
+        enable_compilation_cache()  # reruns with the same shapes skip XLA's compiles
         return COMMANDS[args.command](args)
     except SptError as e:
         return _fail(e)

@@ -7,7 +7,8 @@ Weights are perturbed after random init, because init sets norms to 1 (or 0 for 
 biases to 0, where a wrongly mapped norm or bias would go unnoticed.
 
 Nothing here sets XLA_FLAGS or other process-wide XLA options: other tests spawn subprocesses with
-their own flags.
+their own flags. The in-process CLI tests keep JAX's persistent compilation cache off (the CLI would
+turn it on in the user's home); `test_system` checks it in subprocesses.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ N_SPECIAL = 4
 
 # Parity with PyTorch is checked in float32; on accelerators JAX would otherwise use bf16 passes.
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _small(**overrides) -> dict:
