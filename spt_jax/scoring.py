@@ -26,7 +26,7 @@ from spt_jax import sequence as seq
 from spt_jax.errors import ConfigError, DataError
 from spt_jax.models.transformer import positions_from_mask
 from spt_jax.prefix import PrefixCache, PrefixKV, batch_cache, prefix_cache, progress_bar, resolve_prefix
-from spt_jax.tune.mesh import DATA, OnMesh, as_mesh, placed_params
+from spt_jax.tune.mesh import DATA, OnMesh, as_mesh, on_mesh, placed_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +64,6 @@ def score_continuations(
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     on = None
     if mesh is not None:
-        from spt_jax.tune.mesh import on_mesh
-
         on = on_mesh(lm, mesh, batch_size, "batch_size")
     prefix = resolve_prefix(lm, soft_prompt, prefix_text, prefix, length_buckets,
                             mesh=None if on is None else on.mesh, params=None if on is None else on.params)
