@@ -317,30 +317,32 @@ def item_choice_loglikelihoods(
         if not pairs:
             raise DataError("an item has no answer choices")
     shared = [len({context for context, _ in pairs}) == 1 for pairs in items]
-    run, data = _shared_runner(lm, mesh)
+    base = prefix_cache(lm, soft_prompt, mesh=None if mesh is None else as_mesh(mesh),
+                        params=None if mesh is None else placed_params(lm, mesh))
+    run, data = _shared_runner(lm, mesh, base.kv)
     out: list[np.ndarray | None] = [None] * len(items)
     for i in (i for i, is_shared in enumerate(shared) if not is_shared):
         pairs = items[i]
         out[i] = score_continuations(lm, [c for c, _ in pairs], [x for _, x in pairs], soft_prompt=soft_prompt,
                                      batch_size=math.lcm(seq.pow2_width(len(pairs), 1), data), mesh=mesh).loglikelihood
-    base = prefix_cache(lm, soft_prompt, mesh=None if mesh is None else as_mesh(mesh),
-                        params=None if mesh is None else placed_params(lm, mesh))
     encoded = {i: _encode_shared_item(lm, items[i], base) for i, is_shared in enumerate(shared) if is_shared}
     for chunk in progress_bar(_shared_chunks(encoded, base.bucket), progress, "score items"):
-        for i, scores in zip(chunk, _score_chunk(lm, run, data, base, [encoded[i] for i in chunk])):
+        for i, scores in zip(chunk, _score_chunk(lm, run, data, [encoded[i] for i in chunk])):
             out[i] = scores
     return [np.asarray(scores, np.float64) for scores in out]
 
 
-def _shared_runner(lm, mesh):
-    """``run(kv, rows, width, n_scored)`` for `_score_shared_contexts`, and the multiple of rows a
-    call needs: one device, or ``mesh`` with every row array over ``data`` and the scores replicated."""
+def _shared_runner(lm, mesh, kv: PrefixKV):
+    """``run(rows, width, n_scored)``: `_score_shared_contexts` after the prefix ``kv``, and the
+    multiple of rows a call needs: one device, or ``mesh`` with every row array over ``data`` and
+    the scores replicated (the prefix replicated once, here)."""
     static = ("graphdef", "width", "n_scored")
     if mesh is None:
         jitted = lm.compiled.jit("score_shared", _score_shared_contexts, static_argnames=static)
-        return (lambda kv, rows, width, n_scored: jitted(lm.graphdef, lm.params, kv, *map(jnp.asarray, rows.values()),
+        return (lambda rows, width, n_scored: jitted(lm.graphdef, lm.params, kv, *map(jnp.asarray, rows.values()),
                                                          width=width, n_scored=n_scored)), 1  # fmt: skip
     on = OnMesh(mesh=as_mesh(mesh), params=placed_params(lm, mesh))
+    kv = on.replicate(kv)
 
     def build(width: int, n_scored: int):
         fn = functools.partial(_score_shared_contexts, lm.graphdef, width=width, n_scored=n_scored)
@@ -348,10 +350,10 @@ def _shared_runner(lm, mesh):
         return jax.jit(lm.compiled.counted("score_shared", fn), in_shardings=(on.param_shardings(lm), repl) + (rows,) * 6,
                        out_shardings=(repl, repl))
 
-    def run(kv, rows, width, n_scored):
+    def run(rows, width, n_scored):
         jitted = lm.compiled.memo(("score_shared", on.mesh, width, n_scored), lambda: build(width, n_scored))
         with on.context():
-            return jitted(on.params, on.replicate(kv), *on.batch(rows).values())
+            return jitted(on.params, kv, *on.batch(rows).values())
 
     return run, int(on.mesh.shape[DATA])
 
@@ -392,7 +394,7 @@ def _shared_chunks(encoded: dict, prefix_bucket: int) -> list[list[int]]:
     return chunks + ([chunk] if chunk else [])
 
 
-def _score_chunk(lm, run, multiple: int, base: PrefixCache, encoded) -> list[np.ndarray]:
+def _score_chunk(lm, run, multiple: int, encoded) -> list[np.ndarray]:
     """Scores of a chunk's items: contexts padded to a length bucket, choices to a power of two
     (and both row counts to a multiple of ``multiple``, the mesh's ``data`` axis)."""
     pad = seq.pad_id(lm)
@@ -408,7 +410,7 @@ def _score_chunk(lm, run, multiple: int, base: PrefixCache, encoded) -> list[np.
     n_cont = np.array([len(x) for x in conts] + [0] * empty, np.int32)
     rows = {"ctx_ids": ctx_ids, "ctx_valid": ctx_valid, "row_item": np.array(row_item + [0] * empty, np.int32),
             "ids": ids, "valid": valid, "n_cont": n_cont}
-    token_logprobs, _ = run(base.kv, rows, width, seq.round_up(int(n_cont.sum()), SCORED_SLOTS_ROUNDING))
+    token_logprobs, _ = run(rows, width, seq.round_up(int(n_cont.sum()), SCORED_SLOTS_ROUNDING))
     totals = np.asarray(token_logprobs, np.float64).sum(axis=1)
     bounds = np.cumsum([0] + [len(item_conts) for _, item_conts in encoded])
     return [totals[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
