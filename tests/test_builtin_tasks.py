@@ -13,6 +13,7 @@ from spt_jax.tasks import get_task
 from spt_jax.tasks.builtin import (
     ARITHMETIC_TEMPLATES,
     BUILTIN_TASKS,
+    CONTINENTS,
     build_arithmetic_gsm,
     build_capitals_mc,
     builtin_tasks,
@@ -25,6 +26,7 @@ SIZES = {
     "capital_of": {"train": 69, "validation": 25, "test": 152},
     "country_of_capital": {"train": 69, "validation": 25, "test": 152},
     "capital_of_options": {"train": 69, "validation": 25, "test": 152},
+    "continent_of": {"train": 57, "validation": 17, "test": 108},
     "element_symbols": {"train": 116, "validation": 52, "test": 304},
     "arithmetic_gsm": {"train": 200, "validation": 60, "test": 400},
     "yes_no": {"train": 260, "validation": 66, "test": 402},
@@ -55,6 +57,8 @@ def test_split_sizes(task):
     one_per_fact = ("capital_of", "country_of_capital", "capital_of_options")  # half of capitals_mc
     if task.name in one_per_fact:
         assert sizes["test"] >= 150 and sizes["train"] >= 60 and sizes["validation"] >= 25
+    elif task.name == "continent_of":  # one question per country
+        assert sizes["test"] >= 100 and sizes["train"] >= 50 and sizes["validation"] >= 15
     else:
         assert sizes["test"] >= 300 and sizes["train"] >= 100 and sizes["validation"] >= 50
 
@@ -177,6 +181,50 @@ def test_georgia_the_country_is_not_confused_with_the_state():
     questions = [r["question"] for s in SPLITS for r in task.records(s) if r["id"].startswith("country:Georgia:")]
     assert sorted(questions) == ["Tbilisi is the capital of which country?",
                                  "What is the capital of the country of Georgia?"]
+
+
+# --- continent_of ----------------------------------------------------------------------------------
+
+CONTINENT_OF = {r["country"]: r["continent"] for r in read_csv("continents.csv")}
+
+
+def test_continents_data_is_right():
+    assert set(CONTINENT_OF.values()) == set(CONTINENTS) and len(CONTINENT_OF) >= 180
+    for country, continent in [("Kenya", "Africa"), ("South Africa", "Africa"), ("Morocco", "Africa"),
+                               ("Japan", "Asia"), ("India", "Asia"), ("Saudi Arabia", "Asia"), ("France", "Europe"),
+                               ("Iceland", "Europe"), ("Ukraine", "Europe"), ("Mexico", "North America"),
+                               ("Jamaica", "North America"), ("Panama", "North America"), ("Brazil", "South America"),
+                               ("Chile", "South America"), ("Australia", "Oceania"), ("Fiji", "Oceania")]:
+        assert CONTINENT_OF[country] == continent
+    # countries across two continents are left out rather than given one of them
+    assert not {"Russia", "Turkey", "Egypt", "Kazakhstan", "Georgia", "Azerbaijan", "Indonesia"} & set(CONTINENT_OF)
+
+
+def test_continent_questions_ask_every_country_once_with_all_six_choices():
+    task = get_task("continent_of")
+    asked = collections.Counter()
+    for split in SPLITS:
+        golds = set()
+        for r in task.records(split):
+            country = r["id"].split(":", 1)[1]
+            asked[country] += 1
+            assert task.gold(r) == CONTINENT_OF[country] and country in r["question"]
+            assert r["choices"] == list(CONTINENTS)  # the CF reference scores every possible answer
+            pairs, gold = task.cloze_pairs(r)
+            assert pairs[gold][1] == " " + CONTINENT_OF[country]
+            golds.add(task.gold(r))
+        assert golds == set(CONTINENTS), split  # every continent in every split
+    assert set(asked) == set(CONTINENT_OF) and set(asked.values()) == {1}
+
+
+def test_continent_answers_are_names_not_sentences():
+    task = get_task("continent_of")
+    fiji = next(r for s in SPLITS for r in task.records(s) if r["id"] == "continent:Fiji")
+    gambia = next(r for s in SPLITS for r in task.records(s) if r["id"] == "continent:Gambia")
+    assert gambia["question"] == "On which continent is the Gambia?"
+    assert task.score("Answer: Oceania.", fiji)[1] and task.score("Answer: Australia", fiji)[1]
+    assert task.score("Answer: Africa", gambia)[1] and not task.score("Answer: Asia", gambia)[1]
+    assert not task.score("Answer: The Gambia is in Africa.", gambia)[0].valid
 
 
 # --- element_symbols -------------------------------------------------------------------------------

@@ -260,6 +260,15 @@ def test_results_markdown_table(full_run):
     assert len(lines) == 2 + 4
     assert "2-shot" in table and "soft prompt (3 steps)" in table and "zero-shot" in table
     assert "McNemar" in text and "Tuning curve" in text
+    # under the table: every generation mode against every earlier one -- the soft prompt against
+    # zero-shot and few-shot both (claim b) -- with the discordant counts of the paired test
+    pairs = {(c["mode_a"], c["mode_b"]): c for c in results["comparisons"] if c["metric"] == "accuracy"}
+    headline = [line for line in report.headline_lines(results) if "McNemar" in line]
+    assert [line.split(":")[0] for line in headline] == [
+        "few-shot vs zero-shot", "soft prompt vs zero-shot", "soft prompt vs few-shot"]
+    few_vs_soft = pairs["few_shot", "soft_prompt"]
+    assert headline[2].endswith(f"McNemar p = {few_vs_soft['p_value']:.3g} (right only with soft prompt: "
+                                f"{few_vs_soft['c']} items, only few-shot: {few_vs_soft['b']})")
 
 
 def test_existing_results_are_not_overwritten(full_run, tiny_lm):

@@ -148,7 +148,7 @@ def test_b_baselines_builtin_means_every_built_in_task():
 
     b = import_experiment("b_baselines")
     names = b.parse_args(["--tasks", "builtin"]).tasks
-    assert sorted(names) == sorted(["capitals_mc", "capital_of", "country_of_capital", "capital_of_options",
+    assert sorted(names) == sorted(["capitals_mc", "capital_of", "country_of_capital", "capital_of_options", "continent_of",
                                     "element_symbols", "arithmetic_gsm", "yes_no"])  # no benchmark
     assert names == tuple(tasks.builtin_task_names())
 

@@ -4,9 +4,10 @@ They cover the answer formats a small pretrained model may partly know -- multip
 (``capitals_mc``), a short free-form word (``element_symbols``), a GSM8K-style number
 (``arithmetic_gsm``) and yes/no (``yes_no``) -- so the protocol can be run end to end anywhere.
 Knowledge items are split by fact: every question about one fact lands in one split, so a soft prompt
-tuned on train cannot have seen a test fact. Facts live in ``data/capitals.csv`` and
-``data/elements.csv``; countries with several or disputed capitals, or a capital named like the
-country, are left out on purpose.
+tuned on train cannot have seen a test fact. Facts live in ``data/capitals.csv``,
+``data/continents.csv`` and ``data/elements.csv``; countries with several or disputed capitals, or a
+capital named like the country, are left out of the capitals on purpose, as countries across two
+continents are of the continents.
 """
 
 from __future__ import annotations
@@ -246,6 +247,63 @@ def capital_of_options() -> Task:
 
 
 # --------------------------------------------------------------------------------------------------
+# continent_of: a closed answer set, so generation and the cloze reference answer the same question
+# --------------------------------------------------------------------------------------------------
+
+CONTINENTS = ("Africa", "Asia", "Europe", "North America", "South America", "Oceania")
+_CONTINENT_ALIASES = {"Oceania": ["Australia", "Australasia"]}  # the other name of that continent
+_CONTINENT_ANSWER = r"Answer: (?P<answer>\S+(?: \S+)?)\.?"  # a continent's name is one or two words
+
+
+def continent_facts() -> list[dict]:
+    rows = read_data_csv("continents.csv")
+    unknown = sorted({r["continent"] for r in rows} - set(CONTINENTS))
+    if unknown:
+        raise DataError(f"data/continents.csv: unknown continent(s) {unknown}; expected one of {list(CONTINENTS)}")
+    return [{"name": r["country"], "place": f"{r['article']} {r['country']}".strip(), "continent": r["continent"]}
+            for r in rows]
+
+
+def build_continent_of(seed: int = 5678) -> Splits:
+    """One question per country; split by fact within each continent, so every split holds every
+    continent in proportion. The cloze choices are all six continents, in one fixed order: the CF
+    reference picks among exactly the answers the generation modes may give."""
+    by_continent: dict[str, list] = {}
+    for f in continent_facts():
+        by_continent.setdefault(f["continent"], []).append(f)
+    split_facts = split_by_fact(by_continent, (0.6, 0.1), seed)
+    rng = np.random.default_rng(seed + 1)
+    out = {}
+    for split in SPLITS:
+        records = [{"id": f"continent:{f['name']}", "question": f"On which continent is {f['place']}?",
+                    "answer": f["continent"], "aliases": list(_CONTINENT_ALIASES.get(f["continent"], [])),
+                    "choices": list(CONTINENTS), "group": f["continent"]} for f in split_facts[split]]
+        out[split] = shuffled(records, rng)
+    return out
+
+
+def continent_of() -> Task:
+    """The continent of a country, free-form ('Answer: Africa'). Recall and recognition coincide here:
+    the answer set is six names, which the CF reference scores in full, so soft-prompt knowledge
+    accuracy and the reference measure the same knowledge (on ``capital_of`` CF recognizes one of four
+    capitals where generation must recall one of hundreds)."""
+    return Task(
+        name="continent_of",
+        source=GeneratedSource(build_continent_of),
+        input_template="Question: {question}\n",
+        target_template="Answer: {answer}",
+        format=FormatSpec(pattern=_CONTINENT_ANSWER, mode="strict", stop_sequences=("\n",)),
+        answer=AnswerSpec(kind="string", aliases_field="aliases"),
+        instruction=_name_instruction("continent"),
+        max_new_tokens=8,
+        description="The continent of a country (Africa, Asia, Europe, North America, South America, Oceania), "
+                    "free-form ('Answer: Africa'); countries across two continents left out; split by fact "
+                    "within each continent; the cloze reference scores all six.",
+        cloze=ClozeSpec(context_template="Question: {question}\nAnswer:"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # element_symbols
 # --------------------------------------------------------------------------------------------------
 
@@ -482,7 +540,8 @@ def yes_no() -> Task:
 
 
 BUILTIN_TASKS = {"capitals_mc": capitals_mc, "capital_of": capital_of, "country_of_capital": country_of_capital,
-                 "capital_of_options": capital_of_options, "element_symbols": element_symbols,
+                 "capital_of_options": capital_of_options, "continent_of": continent_of,
+                 "element_symbols": element_symbols,
                  "arithmetic_gsm": arithmetic_gsm, "yes_no": yes_no}
 
 
