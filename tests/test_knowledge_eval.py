@@ -318,6 +318,8 @@ def test_seeds_tune_independent_prompts_and_report_each_and_their_spread(tmp_pat
     assert block["accuracy"] == {"mean": pytest.approx(np.mean(values)), "min": min(values), "max": max(values)}
     assert [r["mode"] for r in results["results"]] == ["zero_shot", "soft_prompt"]  # the first seed's row
     assert "mean [min, max] of 3" in report.seeds_table(results)
+    # the time line counts every seed's tuning, not the first prompt's alone
+    assert results["timing"]["modes"]["soft_prompt"]["tune_s"] > results["tuning"]["tune_time_s"] > 0
     assert ev.evaluate(make_tiny_lm(), toy_task(), config.replace(seeds=1), None, progress=False,
                        backends=ev.Backends(generate=generate))["seeds"] is None
     # every seed reports where its validity curve saturated, with no stopping rule set

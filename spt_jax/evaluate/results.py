@@ -203,12 +203,14 @@ def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
 
 def timing(lm, runs: Mapping[str, ModeRun], wall_time: float) -> dict:
     """Where the run's time went: loading the model, then each mode (its compilation and, for the
-    soft prompt, its tuning apart), in seconds."""
+    soft prompt, its tuning apart: every seed's prompt with ``--seeds``), in seconds."""
     modes = {}
     for name, run in runs.items():
         entry = {"wall_s": run.wall_time_s, "compile_s": run.compile_time_s}
-        if run.tuning is not None and run.tuning.get("tune_time_s") is not None:
-            entry["tune_s"] = run.tuning["tune_time_s"]
+        tuned = [r.tuning["tune_time_s"] for r in (run, *run.seed_runs)
+                 if r.tuning is not None and r.tuning.get("tune_time_s") is not None]
+        if tuned:
+            entry["tune_s"] = sum(tuned)
         modes[name] = entry
     load = getattr(lm, "load_time_s", None)
     return {"load_s": load, "modes": modes, "compile_s": sum(m["compile_s"] for m in modes.values()),
