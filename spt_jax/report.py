@@ -126,18 +126,20 @@ def seeds_table(results: Mapping) -> str:
     if not block:
         return ""
     shown = [m for m in METRICS if m.shown]
+    tests = {"vs_zero_shot": "zero-shot", "vs_few_shot": "few-shot"}
+    tests = {key: label for key, label in tests.items() if any(key in e for e in block["per_seed"])}
     rows = []
     for entry in block["per_seed"]:
-        test = entry.get("vs_zero_shot")
         rows.append([str(entry["tune_seed"]), str(entry.get("tuning_steps")),
                      *[fmt_estimate(entry[m.name]) for m in shown],
-                     f"{test['p_value']:.3g}" if test else ""])
+                     *[f"{entry[key]['p_value']:.3g}" if key in entry else "" for key in tests]])
     summary = []
     for m in shown:
         s = block[m.name]
         summary.append(f"{s['mean']:.3f} [{s['min']:.2f}, {s['max']:.2f}]" if _is_number(s["mean"]) else "n/a")
-    rows.append([f"mean [min, max] of {block['n_seeds']}", "", *summary, ""])
-    header = ["tune seed", "steps", *[m.label for m in shown], "McNemar p vs zero-shot (accuracy)"]
+    rows.append([f"mean [min, max] of {block['n_seeds']}", "", *summary, *[""] * len(tests)])
+    header = ["tune seed", "steps", *[m.label for m in shown],
+              *[f"McNemar p vs {label} (accuracy)" for label in tests.values()]]
     return _table(header, rows)
 
 

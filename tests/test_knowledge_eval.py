@@ -312,12 +312,24 @@ def test_seeds_tune_independent_prompts_and_report_each_and_their_spread(tmp_pat
                           backends=ev.Backends(generate=generate))
     block = results["seeds"]
     assert block["n_seeds"] == 3 and [e["tune_seed"] for e in block["per_seed"]] == [5, 6, 7]
-    assert all("vs_zero_shot" in e for e in block["per_seed"])
+    assert all("vs_zero_shot" in e and "vs_few_shot" not in e for e in block["per_seed"])  # few-shot did not run
     assert len(prompts) == 3 and not np.allclose(prompts[0], prompts[1]) and not np.allclose(prompts[1], prompts[2])
     values = [e["accuracy"]["value"] for e in block["per_seed"]]
     assert block["accuracy"] == {"mean": pytest.approx(np.mean(values)), "min": min(values), "max": max(values)}
     assert [r["mode"] for r in results["results"]] == ["zero_shot", "soft_prompt"]  # the first seed's row
     assert "mean [min, max] of 3" in report.seeds_table(results)
+    assert "McNemar p vs zero-shot" in report.seeds_table(results) and "vs few-shot" not in report.seeds_table(results)
+    # with few-shot run too, each seed is also tested against it (claim b), in its own column
+    both = ev.evaluate(make_tiny_lm(), toy_task(), config.replace(modes=("zero_shot", "few_shot", "soft_prompt"),
+                                                                    seeds=2), None, progress=False,
+                       backends=ev.Backends(generate=generate))
+    few = next(r for r in both["results"] if r["mode"] == "few_shot")
+    assert few["accuracy"]["value"] == 0.0  # the fake outputs are never right: every test is a tie
+    for entry in both["seeds"]["per_seed"]:
+        assert entry["vs_few_shot"]["p_value"] == entry["vs_zero_shot"]["p_value"] == 1.0
+    lines = report.seeds_table(both).strip().splitlines()
+    assert lines[0].endswith("| McNemar p vs zero-shot (accuracy) | McNemar p vs few-shot (accuracy) |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
     # the time line counts every seed's tuning, not the first prompt's alone
     assert results["timing"]["modes"]["soft_prompt"]["tune_s"] > results["tuning"]["tune_time_s"] > 0
     assert ev.evaluate(make_tiny_lm(), toy_task(), config.replace(seeds=1), None, progress=False,

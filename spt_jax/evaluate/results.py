@@ -23,7 +23,7 @@ import numpy as np
 
 from spt_jax import metrics
 from spt_jax.errors import ConfigError, DataError, environment_fault
-from spt_jax.evaluate.modes import ModeRun, ZeroShot, get_mode
+from spt_jax.evaluate.modes import FewShot, ModeRun, ZeroShot, get_mode
 from spt_jax.system import read_text
 
 SCHEMA_VERSION = 1
@@ -174,13 +174,17 @@ def paired_comparisons(runs: Mapping[str, ModeRun]) -> list[dict]:
     return out
 
 
+# Each tuned seed's accuracy is tested against these modes: results.json key per mode name.
+SEED_BASELINES = {ZeroShot.name: "vs_zero_shot", FewShot.name: "vs_few_shot"}
+
+
 def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
-    """Every independently tuned prompt's metrics, their mean and range, and each seed's paired test
-    against zero-shot (``config.seeds > 1``); None with one seed."""
+    """Every independently tuned prompt's metrics, their mean and range, and each seed's paired tests
+    against zero-shot and few-shot, where they ran (``config.seeds > 1``); None with one seed."""
     mode = next((m for m, run in runs.items() if run.seed_runs), None)
     if mode is None:
         return None
-    baseline = runs.get(ZeroShot.name)
+    baselines = {key: runs[name] for name, key in SEED_BASELINES.items() if name in runs}
     per_seed = []
     for run in [runs[mode], *runs[mode].seed_runs]:
         valid = np.array([r["valid"] for r in run.scored], bool)
@@ -188,9 +192,9 @@ def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
         entry = {"tune_seed": run.tuning.get("tune_seed"), "tuning_steps": run.tuning.get("steps"),
                  "saturated_at_step": run.tuning.get("saturated_at_step"),  # from the curve, stopped or not
                  **metrics.summarize(valid, correct, confidence=config.confidence, seed=config.seed)}
-        if baseline is not None:
-            hits = [r["correct"] and r["valid"] for r in run.scored]
-            entry["vs_zero_shot"] = metrics.mcnemar([r["correct"] and r["valid"] for r in baseline.scored], hits)
+        hits = [r["correct"] and r["valid"] for r in run.scored]
+        for key, baseline in baselines.items():
+            entry[key] = metrics.mcnemar([r["correct"] and r["valid"] for r in baseline.scored], hits)
         per_seed.append(entry)
     spread = {}
     for m in metrics.METRICS:
