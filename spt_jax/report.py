@@ -126,8 +126,9 @@ def seeds_table(results: Mapping) -> str:
     if not block:
         return ""
     shown = [m for m in METRICS if m.shown]
-    tests = {"vs_zero_shot": "zero-shot", "vs_few_shot": "few-shot"}
-    tests = {key: label for key, label in tests.items() if any(key in e for e in block["per_seed"])}
+    tests = {}  # each paired test a seed carries (``vs_<mode>``, results.seeds_summary): key -> mode label
+    for entry in block["per_seed"]:
+        tests.update({key: _mode_name_label(key.removeprefix("vs_")) for key in entry if key.startswith("vs_")})
     rows = []
     for entry in block["per_seed"]:
         rows.append([str(entry["tune_seed"]), str(entry.get("tuning_steps")),

@@ -174,8 +174,13 @@ def paired_comparisons(runs: Mapping[str, ModeRun]) -> list[dict]:
     return out
 
 
-# Each tuned seed's accuracy is tested against these modes: results.json key per mode name.
-SEED_BASELINES = {ZeroShot.name: "vs_zero_shot", FewShot.name: "vs_few_shot"}
+# Each tuned seed's accuracy is tested against these modes, where they ran: key ``vs_<mode name>``.
+SEED_BASELINES = (ZeroShot.name, FewShot.name)
+
+
+def _hits(run: ModeRun) -> list[bool]:
+    """Per item: right and well formed (what the paired accuracy tests compare)."""
+    return [r["correct"] and r["valid"] for r in run.scored]
 
 
 def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
@@ -184,7 +189,7 @@ def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
     mode = next((m for m, run in runs.items() if run.seed_runs), None)
     if mode is None:
         return None
-    baselines = {key: runs[name] for name, key in SEED_BASELINES.items() if name in runs}
+    baselines = {f"vs_{name}": runs[name] for name in SEED_BASELINES if name in runs}
     per_seed = []
     for run in [runs[mode], *runs[mode].seed_runs]:
         valid = np.array([r["valid"] for r in run.scored], bool)
@@ -192,9 +197,8 @@ def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
         entry = {"tune_seed": run.tuning.get("tune_seed"), "tuning_steps": run.tuning.get("steps"),
                  "saturated_at_step": run.tuning.get("saturated_at_step"),  # from the curve, stopped or not
                  **metrics.summarize(valid, correct, confidence=config.confidence, seed=config.seed)}
-        hits = [r["correct"] and r["valid"] for r in run.scored]
         for key, baseline in baselines.items():
-            entry[key] = metrics.mcnemar([r["correct"] and r["valid"] for r in baseline.scored], hits)
+            entry[key] = metrics.mcnemar(_hits(baseline), _hits(run))
         per_seed.append(entry)
     spread = {}
     for m in metrics.METRICS:

@@ -198,19 +198,22 @@ def build_capital_options(seed: int = _CAPITAL_SEED) -> Splits:
     return out
 
 
-def _free_form_capital_task(name: str, build: Callable[[], Splits], instruction: str, description: str,
-                            input_template: str = "Question: {question}\n") -> Task:
+def _free_form_name_task(name: str, build: Callable[[], Splits], instruction: str, description: str,
+                         input_template: str = "Question: {question}\n", pattern: str = _NAME_ANSWER,
+                         max_new_tokens: int = 12) -> Task:
+    """A question answered by a name ("Answer: Paris"), aliases accepted, with a cloze reference over
+    the record's ``choices``. The default pattern allows at most five words (the longest name in the
+    data is "Saint Vincent and the Grenadines"): the answer is a name, not a sentence, so "Answer:
+    Malta is the capital of Malta." is a format failure."""
     return Task(
         name=name,
         source=GeneratedSource(build),
         input_template=input_template,
         target_template="Answer: {answer}",
-        # the answer is a name, not a sentence: at most five words (the longest in the data is
-        # "Saint Vincent and the Grenadines"), so "Answer: Malta is the capital of Malta." is a format failure
-        format=FormatSpec(pattern=_NAME_ANSWER, mode="strict", stop_sequences=("\n",)),
+        format=FormatSpec(pattern=pattern, mode="strict", stop_sequences=("\n",)),
         answer=AnswerSpec(kind="string", aliases_field="aliases"),
         instruction=instruction,
-        max_new_tokens=12,
+        max_new_tokens=max_new_tokens,
         description=description,
         cloze=ClozeSpec(context_template="Question: {question}\nAnswer:"),
     )
@@ -221,14 +224,14 @@ def _name_instruction(what: str) -> str:
 
 
 def capital_of() -> Task:
-    return _free_form_capital_task(
+    return _free_form_name_task(
         "capital_of", lambda: build_capital_questions("capital_of"), _name_instruction("city"),
         "The capital of a country, U.S. state, Canadian province or Australian state, free-form "
         "('Answer: Paris'); split by fact as capitals_mc, whose options serve the cloze reference.")
 
 
 def country_of_capital() -> Task:
-    return _free_form_capital_task(
+    return _free_form_name_task(
         "country_of_capital", lambda: build_capital_questions("place_of"), _name_instruction("place"),
         "Which country, U.S. state, Canadian province or Australian state a capital belongs to, free-form "
         "('Answer: France'); split by fact as capitals_mc.")
@@ -238,7 +241,7 @@ def capital_of_options() -> Task:
     """Recognition in generation: the four names the CF reference chooses among are in view
     (``capital_of`` asks for recall). The format does not force an option: a name outside them is a
     well-formed, wrong answer."""
-    return _free_form_capital_task(
+    return _free_form_name_task(
         "capital_of_options", build_capital_options,
         "Answer the question with one of the options. Reply with one line: 'Answer: ' followed by only the option.",
         "capital_of with its four options listed after the question ('Options: Lima; Paris; Oslo; Hanoi'), "
@@ -287,20 +290,12 @@ def continent_of() -> Task:
     the answer set is six names, which the CF reference scores in full, so soft-prompt knowledge
     accuracy and the reference measure the same knowledge (on ``capital_of`` CF recognizes one of four
     capitals where generation must recall one of hundreds)."""
-    return Task(
-        name="continent_of",
-        source=GeneratedSource(build_continent_of),
-        input_template="Question: {question}\n",
-        target_template="Answer: {answer}",
-        format=FormatSpec(pattern=_CONTINENT_ANSWER, mode="strict", stop_sequences=("\n",)),
-        answer=AnswerSpec(kind="string", aliases_field="aliases"),
-        instruction=_name_instruction("continent"),
-        max_new_tokens=8,
-        description="The continent of a country (Africa, Asia, Europe, North America, South America, Oceania), "
-                    "free-form ('Answer: Africa'); countries across two continents left out; split by fact "
-                    "within each continent; the cloze reference scores all six.",
-        cloze=ClozeSpec(context_template="Question: {question}\nAnswer:"),
-    )
+    return _free_form_name_task(
+        "continent_of", build_continent_of, _name_instruction("continent"),
+        "The continent of a country (Africa, Asia, Europe, North America, South America, Oceania), "
+        "free-form ('Answer: Africa'); countries across two continents left out; split by fact "
+        "within each continent; the cloze reference scores all six.",
+        pattern=_CONTINENT_ANSWER, max_new_tokens=8)
 
 
 # --------------------------------------------------------------------------------------------------
