@@ -23,7 +23,7 @@ EXIT_INTERRUPTED = 130
 # default comes from the config dataclasses (`EvalConfig`, `TuneConfig`), so the CLI, compare
 # configs and the library agree by construction.
 DEFAULT_MODEL = "gemma3-270m"
-DEFAULT_TASK = "continent_of"
+DEFAULT_TASK = "country_of_capital"
 DEFAULT_OUT = "results"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import spt_jax.tasks as tasks_module
+from spt_jax.cli_parser import DEFAULT_TASK
 from spt_jax.tasks import get_task
 from spt_jax.tasks.builtin import (
     ARITHMETIC_TEMPLATES,
@@ -181,6 +182,18 @@ def test_georgia_the_country_is_not_confused_with_the_state():
     questions = [r["question"] for s in SPLITS for r in task.records(s) if r["id"].startswith("country:Georgia:")]
     assert sorted(questions) == ["Tbilisi is the capital of which country?",
                                  "What is the capital of the country of Georgia?"]
+
+
+def test_the_default_task_reference_chooses_among_places_of_the_kind_asked():
+    """The default run's CF reference picks among four places of the group the question names, the
+    gold one of them, after the bare question -- what its generation modes answer."""
+    task = get_task(DEFAULT_TASK)
+    assert task.name == "country_of_capital"
+    for r in task.records("test"):
+        pairs, gold = task.cloze_pairs(r)
+        assert pairs[gold][1] == " " + task.gold(r) and len({x for _, x in pairs}) == 4
+        assert all((r["group"], x.strip()) in CAPITALS for _, x in pairs)
+        assert {c for c, _ in pairs} == {f"Question: {r['question']}\nAnswer:"}
 
 
 # --- continent_of ----------------------------------------------------------------------------------

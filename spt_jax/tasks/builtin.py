@@ -231,6 +231,8 @@ def capital_of() -> Task:
 
 
 def country_of_capital() -> Task:
+    """The default ``spt-jax run`` task: on Gemma-3-270M its free-form answers (recall) read as much
+    as its CF reference's choice among four (recognition), so the table compares like with like."""
     return _free_form_name_task(
         "country_of_capital", lambda: build_capital_questions("place_of"), _name_instruction("place"),
         "Which country, U.S. state, Canadian province or Australian state a capital belongs to, free-form "
