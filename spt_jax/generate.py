@@ -15,6 +15,9 @@ compiled layer). On CPU the decode steps run the layers one by one on per-layer 
 weights, made once per call (`unstack_layers`, counted under "unstack_layers"), because a scan
 copies every layer's weights out of the stack on every step, which costs a one-token step more than
 its GEMMs there; elsewhere (measured on CPU only, and accelerator memory is dearer) decode scans too.
+On one device those copies hold each kernel output-major and a decode step computes its
+projections (and a tied head) as ``W @ x^T``, which XLA:CPU runs about twice as fast for 8 rows
+(BUILD_NOTES.md, issue 11); on a mesh they keep the stacked layout its per-layer shardings describe.
 
 Stop sequences: a ``[V]`` mask of tokens whose text contains a stop sequence (computed once per
 model and stop set, kept in ``lm.compiled``) ends a row inside the loop; the decoded text is then
@@ -158,12 +161,13 @@ def _batch_runner(lm, on, kv: PrefixKV, eos, stop, max_new: int, new_slots: int)
     """
     per_layer = jax.default_backend() == "cpu"  # see the module docstring
     if on is None:
-        layers = lm.compiled.jit("unstack_layers", unstack_layers)(lm.params) if per_layer else None
-        jitted = lm.compiled.jit("generate", _generate_batch, static_argnames=("graphdef", "new_slots"))
+        unstack = lm.compiled.jit("unstack_layers", functools.partial(unstack_layers, out_major=True))
+        layers = unstack(lm.params) if per_layer else None
+        jitted = lm.compiled.jit("generate", _generate_batch, static_argnames=("graphdef", "new_slots", "out_major"))
         masks = (jnp.asarray(eos), jnp.asarray(stop), jnp.int32(max_new))
         return lambda ids, valid, active: jitted(
             lm.graphdef, lm.params, layers, kv, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(active), *masks,
-            new_slots=new_slots,
+            new_slots=new_slots, out_major=per_layer,
         )  # fmt: skip
 
     def build():
@@ -199,8 +203,11 @@ def generate_text(lm, prompt: str, max_new_tokens: int = 32) -> str:
 
 
 def _generate_batch(graphdef, params, layers, prefix: PrefixKV, ids, valid, active, is_eos, is_stop, max_new, *, new_slots,
-                    cache_shardings=None):
+                    cache_shardings=None, out_major=False):
     """Prefill a left-padded batch after the prefix, then decode greedily until all rows stop.
+
+    ``layers``: `unstack_layers`' per-layer weights for the decode steps (output-major if
+    ``out_major``), or None to scan the stacked ones.
 
     Returns the generated ids ``[B, new_slots]`` and, per row, how many to keep (EOS excluded).
     """
@@ -225,8 +232,9 @@ def _generate_batch(graphdef, params, layers, prefix: PrefixKV, ids, valid, acti
     def decode_one(state):
         step, token, cache, out, n_kept, done = state
         positions = (prefix.length + n_input + step - 1)[:, None]  # where `token` sits
-        hidden, cache = model(model.embed(token[:, None]), positions, ~done[:, None], cache, layer_weights=layers)
-        token = jnp.argmax(model.logits(hidden[:, 0]), axis=-1).astype(jnp.int32)
+        hidden, cache = model(model.embed(token[:, None]), positions, ~done[:, None], cache, layer_weights=layers,
+                              out_major=out_major)
+        token = jnp.argmax(model.logits(hidden[:, 0], out_major=out_major), axis=-1).astype(jnp.int32)
         out = jax.lax.dynamic_update_slice(out, jnp.where(done, 0, token)[:, None], (0, step))
         n_kept = n_kept + (~done & ~is_eos[token])
         done = done | is_eos[token] | is_stop[token]

@@ -87,20 +87,23 @@ def test_logits_match_transformers(loaded, variant, padding):
     assert _max_diff_valid(ours, ref, mask) <= ATOL
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step(graphdef, params, tokens, positions, valid, cache, layer_weights=None):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="out_major")
+def _step(graphdef, params, tokens, positions, valid, cache, layer_weights=None, out_major=False):
     model = nnx.merge(graphdef, params)
-    hidden, cache = model(model.embed(tokens), positions, valid, cache, layer_weights=layer_weights)
-    return model.logits(hidden), cache
+    hidden, cache = model(model.embed(tokens), positions, valid, cache, layer_weights=layer_weights,
+                          out_major=out_major)
+    return model.logits(hidden, out_major=out_major), cache
 
 
-@pytest.mark.parametrize("decode_layers", ["scan", "per_layer"])
+@pytest.mark.parametrize("decode_layers", ["scan", "per_layer", "per_layer_out_major"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kv_cached_decode_matches_full_forward(loaded, variant, decode_layers):
     """Prefill 5 tokens (scanned layers), then feed the rest one at a time, with the layers scanned or
-    run one by one on `unstack_layers`' buffers (generation's decode); row 2's prefill is all padding."""
+    run one by one on `unstack_layers`' buffers (generation's decode; output-major: its kernels
+    transposed and each projection computed as W @ x^T); row 2's prefill is all padding."""
     lm, torch_model = loaded(variant)
-    layer_weights = jax.jit(models.unstack_layers)(lm.params)
+    out_major = decode_layers == "per_layer_out_major"
+    layer_weights = jax.jit(functools.partial(models.unstack_layers, out_major=out_major))(lm.params)
     ids, mask = _left_padded()
     positions = positions_from_mask(jnp.asarray(mask))
     prefill = 5
@@ -108,7 +111,7 @@ def test_kv_cached_decode_matches_full_forward(loaded, variant, decode_layers):
     chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, SEQ)]
     outs = []
     for start, stop in chunks:
-        decoding = start >= prefill and decode_layers == "per_layer"
+        decoding = start >= prefill and decode_layers != "scan"
         logits, cache = _step(
             lm.graphdef,
             lm.params,
@@ -117,11 +120,12 @@ def test_kv_cached_decode_matches_full_forward(loaded, variant, decode_layers):
             jnp.asarray(mask[:, start:stop]),
             cache.per_layer() if decoding else cache,
             layer_weights if decoding else None,
+            out_major=decoding and out_major,
         )
         outs.append(np.asarray(logits))
     incremental = np.concatenate(outs, axis=1)
     assert int(cache.index) == SEQ
-    assert isinstance(cache.k, tuple) == (decode_layers == "per_layer")
+    assert isinstance(cache.k, tuple) == (decode_layers != "scan")
     assert _max_diff_valid(incremental, lm.logits(ids, mask), mask) <= ATOL
     assert _max_diff_valid(incremental, torch_logits(torch_model, ids, mask), mask) <= ATOL
 
@@ -188,3 +192,5 @@ def test_per_layer_weights_refuse_a_stacked_cache(loaded):
     with pytest.raises(ValueError, match="per-layer cache"):
         model(model.embed(ids), jnp.arange(2)[None], jnp.ones((1, 2), bool), cache,
               layer_weights=models.unstack_layers(lm.params))
+    with pytest.raises(ValueError, match="out_major needs layer_weights"):
+        model(model.embed(ids), jnp.arange(2)[None], jnp.ones((1, 2), bool), out_major=True)

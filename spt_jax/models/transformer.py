@@ -5,13 +5,16 @@ so a soft prompt joins in embedding space and left or right padding never shifts
 are stacked along a leading axis and run with `jax.lax.scan`, so a 30-layer model compiles one layer.
 A one-token decode step instead runs them one after another on per-layer weight buffers
 (`unstack_layers`): on CPU a scan copies each layer's weights out of the stack before its GEMMs, and
-for a single token that copy costs more than the GEMMs.
+for a single token that copy costs more than the GEMMs. Those buffers can also hold each kernel
+output-major (``out_major``), for XLA:CPU's faster form of a GEMM with a few rows (`_out_major_matmul`).
 
 Shapes: B batch, T new tokens, S cache slots, D d_model, H query heads, K kv heads, G = H // K,
 d head_dim, F d_ff, V vocab, L layers.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.struct
 import jax
@@ -69,10 +72,38 @@ class KVCache:
         return self.replace(k=split(self.k), v=split(self.v))
 
 
-def unstack_layers(params: nnx.State) -> tuple[nnx.State, ...]:
-    """A `DecoderLM`'s stacked layer weights ``[L, ...]`` as L states of their own (jit it: separate buffers)."""
+# Each weight kernel's number of input axes: its layout is ``[*in, *out]`` (``o_proj``: [H, d, D]).
+_KERNEL_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+
+
+def unstack_layers(params: nnx.State, *, out_major: bool = False) -> tuple[nnx.State, ...]:
+    """A `DecoderLM`'s stacked layer weights ``[L, ...]`` as L states of their own (jit it: separate buffers).
+
+    ``out_major``: each kernel stored ``[*out, *in]`` instead, for `DecoderLM.__call__`'s
+    ``out_major`` (a decode step's few rows).
+    """
     layers = params["layers"]
+    if out_major:
+        def to_out_major(path, x):
+            n_in = _KERNEL_INPUT_AXES.get(path[-2].key)
+            return x if n_in is None else jnp.moveaxis(x, range(1, 1 + n_in), range(x.ndim - n_in, x.ndim))
+
+        layers = jax.tree_util.tree_map_with_path(to_out_major, layers)
     return tuple(jax.tree.map(lambda x: x[i], layers) for i in range(jax.tree.leaves(layers)[0].shape[0]))
+
+
+def _out_major_matmul(x: jax.Array, kernel: jax.Array, n_in: int, preferred_element_type=None) -> jax.Array:
+    """``x [..., *in]`` times a kernel stored output-major ``[*out, *in]``, as ``kernel @ x^T``.
+
+    For a few rows (a decode step) XLA:CPU runs ``W[N, K] @ x^T[K, rows]`` about twice as fast as
+    ``x @ W`` (BUILD_NOTES.md, issue 11). The barriers keep XLA from folding the two transposes
+    back into an ``x @ W^T`` dot, which is no faster than ``x @ W``.
+    """
+    lead, out = x.shape[: x.ndim - n_in], kernel.shape[: kernel.ndim - n_in]
+    rows = jax.lax.optimization_barrier(x.reshape(-1, math.prod(x.shape[x.ndim - n_in :])).T)
+    y = jnp.matmul(kernel.reshape(math.prod(out), -1), rows, preferred_element_type=preferred_element_type)
+    y = jax.lax.optimization_barrier(y)
+    return y.T.reshape(*lead, *out)
 
 
 def _param(rngs: nnx.Rngs, shape, param_dtype, std: float = 0.02) -> nnx.Param:
@@ -134,16 +165,20 @@ class Attention(nnx.Module):
         self.q_norm = Norm(d, c, param_dtype) if c.qk_norm else None
         self.k_norm = Norm(d, c, param_dtype) if c.qk_norm else None
 
-    def _project(self, x, kernel, bias, spec):
-        y = jnp.einsum(spec, x, kernel[...].astype(self.dtype))
+    def _project(self, x, kernel, bias, spec, out_major):
+        kernel = kernel[...].astype(self.dtype)
+        if out_major:  # the kernel is [*out, *in]; x's axes after B, T are its input axes
+            y = _out_major_matmul(x, kernel, n_in=len(spec.split(",")[0]) - 2)
+        else:
+            y = jnp.einsum(spec, x, kernel)
         return y + bias[...].astype(self.dtype) if bias is not None else y
 
-    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index):
+    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False):
         """x [B, T, D] -> ([B, T, D], (k, v) of this layer's cache or None)."""
         c = self.config
-        q = self._project(x, self.q_proj, self.q_bias, "BTD,DHd->BTHd")
-        k = self._project(x, self.k_proj, self.k_bias, "BTD,DKd->BTKd")
-        v = self._project(x, self.v_proj, self.v_bias, "BTD,DKd->BTKd")
+        q = self._project(x, self.q_proj, self.q_bias, "BTD,DHd->BTHd", out_major)
+        k = self._project(x, self.k_proj, self.k_bias, "BTD,DKd->BTKd", out_major)
+        v = self._project(x, self.v_proj, self.v_bias, "BTD,DKd->BTKd", out_major)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -166,7 +201,7 @@ class Attention(nnx.Module):
         mask = attention_mask(positions, kv_pos, window)[:, None, None]  # [B, 1, 1, T, S]
         probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(self.dtype)
         out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v_all).reshape(B, T, c.n_heads, c.head_dim)
-        return self._project(out, self.o_proj, self.o_bias, "BTHd,HdD->BTD"), layer_cache
+        return self._project(out, self.o_proj, self.o_bias, "BTHd,HdD->BTD", out_major), layer_cache
 
 
 class MLP(nnx.Module):
@@ -180,17 +215,18 @@ class MLP(nnx.Module):
         self.up_bias, self.down_bias = bias(c.d_ff), bias(c.d_model)
         self.activation = c.activation
 
-    def __call__(self, x):  # [B, T, D]
+    def __call__(self, x, out_major=False):  # [B, T, D]
         act = _ACTIVATIONS[self.activation]
-        h = self._linear(x, self.up_proj, self.up_bias)  # [B, T, F]
+        h = self._linear(x, self.up_proj, self.up_bias, out_major)  # [B, T, F]
         if self.gate_proj is not None:  # GLU: act(gate) * up
-            h = act(self._linear(x, self.gate_proj, self.gate_bias)) * h
+            h = act(self._linear(x, self.gate_proj, self.gate_bias, out_major)) * h
         else:  # GPT-2: act(up)
             h = act(h)
-        return self._linear(h, self.down_proj, self.down_bias)
+        return self._linear(h, self.down_proj, self.down_bias, out_major)
 
-    def _linear(self, x, kernel, bias):
-        y = x @ kernel[...].astype(self.dtype)
+    def _linear(self, x, kernel, bias, out_major):
+        kernel = kernel[...].astype(self.dtype)
+        y = _out_major_matmul(x, kernel, n_in=1) if out_major else x @ kernel
         return y + bias[...].astype(self.dtype) if bias is not None else y
 
 
@@ -206,12 +242,12 @@ class Block(nnx.Module):
         self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_post_norm = Norm(D, c, param_dtype) if c.sandwich_norm else None
 
-    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index):
+    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False):
         h, layer_cache = self.attn(
-            self.attn_norm(x), rope, positions, window, kv_pos, layer_cache, cache_index
+            self.attn_norm(x), rope, positions, window, kv_pos, layer_cache, cache_index, out_major
         )
         x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), out_major)
         return x + (self.mlp_post_norm(h) if self.mlp_post_norm is not None else h), layer_cache
 
 
@@ -255,13 +291,17 @@ class DecoderLM(nnx.Module):
         *,
         remat: str = "none",
         layer_weights: tuple[nnx.State, ...] | None = None,
+        out_major: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states ``[B, T, D]`` and the cache with these T tokens appended.
 
         ``layer_weights`` (`unstack_layers` of this model's params, e.g. for a decode step): run the
         layers one by one on those buffers instead of scanning the stacked weights; the cache, if
         any, must then be `KVCache.per_layer`. Same numbers, L compiled layers instead of one.
+        ``out_major``: those buffers came from ``unstack_layers(..., out_major=True)``.
         """
+        if out_major and layer_weights is None:
+            raise ValueError("out_major needs layer_weights from unstack_layers(..., out_major=True)")
         c = self.config
         positions = positions.astype(jnp.int32)
         x = embeds.astype(self.dtype)
@@ -287,7 +327,7 @@ class DecoderLM(nnx.Module):
 
         def layer(x, state, window, rope, layer_cache):
             block = nnx.merge(graphdef, state)
-            return block(x, rope, positions, window, kv_pos, layer_cache, cache_index)
+            return block(x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major)
 
         # Remat wraps the whole per-layer function, the rope selection included, so the backward
         # pass recomputes the selected tables instead of keeping L copies of them.
@@ -322,11 +362,17 @@ class DecoderLM(nnx.Module):
             )
         return x, cache
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """Hidden states ``[..., D]`` -> float32 logits ``[..., V]`` (final soft-cap included)."""
+    def logits(self, hidden: jax.Array, *, out_major: bool = False) -> jax.Array:
+        """Hidden states ``[..., D]`` -> float32 logits ``[..., V]`` (final soft-cap included).
+
+        ``out_major`` (a decode step's few rows): a tied head as ``embed_tokens @ hidden^T``, the
+        table being output-major already (`_out_major_matmul`)."""
         if self.lm_head is not None:
             out = jnp.einsum("...D,DV->...V", hidden, self.lm_head[...].astype(self.dtype),
                              preferred_element_type=jnp.float32)
+        elif out_major:
+            out = _out_major_matmul(hidden, self.embed_tokens[...].astype(self.dtype), n_in=1,
+                                    preferred_element_type=jnp.float32)
         else:
             out = jnp.einsum("...D,VD->...V", hidden, self.embed_tokens[...].astype(self.dtype),
                              preferred_element_type=jnp.float32)
