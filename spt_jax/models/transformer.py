@@ -14,6 +14,7 @@ d head_dim, F d_ff, V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -83,13 +84,13 @@ def unstack_layers(params: nnx.State, *, out_major: bool = False) -> tuple[nnx.S
     ``out_major`` (a decode step's few rows).
     """
     layers = params["layers"]
-    if out_major:
-        def to_out_major(path, x):
-            n_in = _KERNEL_INPUT_AXES.get(path[-2].key)
-            return x if n_in is None else jnp.moveaxis(x, range(1, 1 + n_in), range(x.ndim - n_in, x.ndim))
 
-        layers = jax.tree_util.tree_map_with_path(to_out_major, layers)
-    return tuple(jax.tree.map(lambda x: x[i], layers) for i in range(jax.tree.leaves(layers)[0].shape[0]))
+    def layer_leaf(i, path, x):  # layer i's slice, transposed per slice (no transposed stack in memory)
+        n_in = _KERNEL_INPUT_AXES.get(path[-2].key) if out_major else None
+        return x[i] if n_in is None else jnp.moveaxis(x[i], range(n_in), range(x.ndim - 1 - n_in, x.ndim - 1))
+
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree_util.tree_map_with_path(functools.partial(layer_leaf, i), layers) for i in range(n_layers))
 
 
 def _out_major_matmul(x: jax.Array, kernel: jax.Array, n_in: int, preferred_element_type=None) -> jax.Array:
