@@ -16,7 +16,7 @@ PyTorch side, runs both sides, checks they produce the same logits and prints on
 from __future__ import annotations
 
 from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
-from workers import Worker, peak_rss_mib, serve
+from workers import OtherProcessesCpu, Worker, peak_rss_mib, serve
 
 import argparse
 import os
@@ -43,29 +43,6 @@ def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
     mask = np.ones((batch, seq), bool)
     mask[1::2, seq - seq // 4 :] = False  # every other row is a quarter shorter
     return tokens, mask
-
-
-class _OtherProcessesCpu:
-    """How many cores everything but ``ours`` (the live worker pids) kept busy since creation, from
-    /proc/stat less the workers' own /proc/<pid>/stat times."""
-
-    def __init__(self, ours: set[int]):
-        self.ours = ours
-        self.start = self._snapshot()
-
-    def _snapshot(self):
-        tick = os.sysconf("SC_CLK_TCK")
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # minus idle, iowait
-        ours = 0.0
-        for pid in self.ours:  # utime, stime: fields 14 and 15, after the ")" that ends the name
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ours += (int(stat[11]) + int(stat[12])) / tick
-        return time.perf_counter(), busy, ours
-
-    def cores(self) -> float:
-        (t0, busy0, ours0), (t1, busy1, ours1) = self.start, self._snapshot()
-        return max((busy1 - busy0) - (ours1 - ours0), 0.0) / (t1 - t0)
 
 
 # --- the model both sides run ---------------------------------------------------------------------
@@ -249,7 +226,7 @@ def main(argv=None) -> None:
         _write_torch_checkpoint(lm, args.workdir / "torch_checkpoint")
         del lm
         workers = {side: Worker(_worker_command(args, side)) for side in ("jax", "torch")}  # load, warm up
-        others, load_before = _OtherProcessesCpu({w.proc.pid for w in workers.values()}), os.getloadavg()[0]
+        others, load_before = OtherProcessesCpu({w.proc.pid for w in workers.values()}), os.getloadavg()[0]
         times = {side: [] for side in workers}
         for _ in range(args.iters):  # alternate call by call: both meet the same background load
             for side, worker in workers.items():

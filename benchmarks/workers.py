@@ -6,7 +6,8 @@ shared machine -- a ratio from two phases run one after the other would carry th
 
 A worker is this benchmark script run again with ``--side``; it calls `serve` with a setup function
 returning ``(info, run)``: ``info`` a JSON-able dict sent once it is ready, ``run(i)`` the timed work
-for item ``i``, returning a JSON-able value sent back with its wall time.
+for item ``i``, returning a JSON-able value sent back with its wall time. `OtherProcessesCpu` says
+how busy everything else kept the machine meanwhile.
 """
 
 from __future__ import annotations
@@ -69,3 +70,26 @@ class Worker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+
+
+class OtherProcessesCpu:
+    """How many cores everything but ``ours`` (the live worker pids) kept busy since creation, from
+    /proc/stat less the workers' own /proc/<pid>/stat times."""
+
+    def __init__(self, ours: set[int]):
+        self.ours = ours
+        self.start = self._snapshot()
+
+    def _snapshot(self):
+        tick = os.sysconf("SC_CLK_TCK")
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # minus idle, iowait
+        ours = 0.0
+        for pid in self.ours:  # utime, stime: fields 14 and 15, after the ")" that ends the name
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ours += (int(stat[11]) + int(stat[12])) / tick
+        return time.perf_counter(), busy, ours
+
+    def cores(self) -> float:
+        (t0, busy0, ours0), (t1, busy1, ours1) = self.start, self._snapshot()
+        return max((busy1 - busy0) - (ours1 - ours0), 0.0) / (t1 - t0)

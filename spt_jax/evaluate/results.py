@@ -162,12 +162,17 @@ def result_rows(model_name: str, task, config, runs: Mapping[str, ModeRun]) -> l
     return rows
 
 
+def _hit(record: Mapping) -> bool:
+    """Right and well formed: what the paired accuracy tests compare, item by item."""
+    return record["correct"] and record["valid"]
+
+
 def paired_comparisons(runs: Mapping[str, ModeRun]) -> list[dict]:
     """McNemar tests between every two generation modes, on accuracy and on format validity."""
     generation = [m for m in runs if not get_mode(m).reference]
     out = []
     for a, b in itertools.combinations(generation, 2):
-        for metric, key in (("accuracy", lambda r: r["correct"] and r["valid"]), ("format_validity", lambda r: r["valid"])):
+        for metric, key in (("accuracy", _hit), ("format_validity", lambda r: r["valid"])):
             # mcnemar's own "b" and "c" are the discordant counts (a only right, b only right)
             out.append({"mode_a": a, "mode_b": b, "metric": metric,
                         **metrics.mcnemar([key(r) for r in runs[a].scored], [key(r) for r in runs[b].scored])})
@@ -178,9 +183,6 @@ def paired_comparisons(runs: Mapping[str, ModeRun]) -> list[dict]:
 SEED_BASELINES = (ZeroShot.name, FewShot.name)
 
 
-def _hits(run: ModeRun) -> list[bool]:
-    """Per item: right and well formed (what the paired accuracy tests compare)."""
-    return [r["correct"] and r["valid"] for r in run.scored]
 
 
 def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
@@ -198,7 +200,7 @@ def seeds_summary(runs: Mapping[str, ModeRun], config) -> dict | None:
                  "saturated_at_step": run.tuning.get("saturated_at_step"),  # from the curve, stopped or not
                  **metrics.summarize(valid, correct, confidence=config.confidence, seed=config.seed)}
         for key, baseline in baselines.items():
-            entry[key] = metrics.mcnemar(_hits(baseline), _hits(run))
+            entry[key] = metrics.mcnemar(list(map(_hit, baseline.scored)), list(map(_hit, run.scored)))
         per_seed.append(entry)
     spread = {}
     for m in metrics.METRICS:

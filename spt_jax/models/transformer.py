@@ -169,7 +169,7 @@ class Attention(nnx.Module):
     def _project(self, x, kernel, bias, spec, out_major):
         kernel = kernel[...].astype(self.dtype)
         if out_major:  # the kernel is [*out, *in]; x's axes after B, T are its input axes
-            y = _out_major_matmul(x, kernel, n_in=len(spec.split(",")[0]) - 2)
+            y = _out_major_matmul(x, kernel, n_in=x.ndim - 2)
         else:
             y = jnp.einsum(spec, x, kernel)
         return y + bias[...].astype(self.dtype) if bias is not None else y
