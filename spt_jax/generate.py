@@ -12,9 +12,9 @@ early once every row has hit EOS or a stop token. Shapes depend only on (prefix 
 batch size, rounded max_new_tokens), so a run compiles a handful of times; the compilations are
 counted in ``lm.compiled`` under "prefix" and "generate". The prefill scans the stacked layers (one
 compiled layer). On CPU the decode steps run the layers one by one on per-layer copies of their
-weights, made once per call (`unstack_layers`, counted under "unstack_layers"), because a scan
-copies every layer's weights out of the stack on every step, which costs a one-token step more than
-its GEMMs there; elsewhere (measured on CPU only, and accelerator memory is dearer) decode scans too.
+weights, made once per `generate` call or `Generator` (`unstack_layers`, counted under
+"unstack_layers"), because a scan copies every layer's weights out of the stack on every step,
+which costs a one-token step more than its GEMMs there; elsewhere (measured on CPU only, and accelerator memory is dearer) decode scans too.
 On one device those copies hold each kernel output-major and a decode step computes its
 projections (and a tied head) as ``W @ x^T``, which XLA:CPU runs about twice as fast for 8 rows
 (BUILD_NOTES.md, issue 11); on a mesh they keep the stacked layout its per-layer shardings describe.
@@ -87,6 +87,82 @@ def stop_masks(lm, stop_sequences: Sequence[str]) -> tuple[np.ndarray, np.ndarra
     return lm.compiled.memo(("stop_masks", tuple(stop_sequences)), build)
 
 
+class Generator:
+    """`generate` for many calls with one prefix and config: builds once what each call would.
+
+    The prefix's KV and the stop masks are made here; the compiled batch function and, on CPU, the
+    decode steps' per-layer weight copies (`_batch_runner`: they double the layers' memory while
+    they live) on the first call with texts. All are kept until `close` (or the ``with`` block's
+    end), so calling it batch by batch costs what one `generate` over all the texts does.
+    Arguments as `generate`'s.
+    """
+
+    def __init__(self, lm, *, soft_prompt: jax.Array | None = None, prefix_text: str = "",
+                 prefix: PrefixCache | None = None, config: GenerationConfig = GenerationConfig(),
+                 mesh: Mesh | None = None):  # fmt: skip
+        on = None
+        if mesh is not None:
+            from spt_jax.tune.mesh import on_mesh
+
+            on = on_mesh(lm, mesh, config.batch_size, "GenerationConfig.batch_size")
+        self.lm, self.config, self._on = lm, config, on
+        self.prefix = resolve_prefix(lm, soft_prompt, prefix_text, prefix, config.length_buckets,
+                                     mesh=None if on is None else on.mesh, params=None if on is None else on.params)
+        self._max_input = _max_input_length(lm, self.prefix, config.max_new_tokens, config.length_buckets)
+        self._run, self._closed = None, False
+
+    def _runner(self):
+        if self._closed:
+            raise RuntimeError("this Generator is closed")
+        if self._run is None:
+            lm, config = self.lm, self.config
+            eos, stop = stop_masks(lm, config.stop_sequences)
+            new_slots = seq.round_up(config.max_new_tokens, seq.NEW_TOKEN_ROUNDING)
+            self._run = _batch_runner(lm, self._on, self.prefix.kv, eos, stop, config.max_new_tokens, new_slots)
+        return self._run
+
+    def __call__(self, texts: Sequence[str], *, progress: bool = False) -> list[str]:
+        """Greedy completions of ``texts`` after the prefix (see `generate`)."""
+        lm, config, prefix = self.lm, self.config, self.prefix
+        if not len(texts):
+            return []
+        encoded = [seq.encode(lm.tokenizer, prefix.join(t)) for t in texts]
+        encoded = seq.truncate_all_left(encoded, self._max_input, what="generation inputs")
+        if prefix.length == 0 and any(len(e) == 0 for e in encoded):
+            raise DataError(
+                "an input text tokenizes to nothing and there is no BOS, soft prompt or prefix text "
+                "to condition on; give every example some text"
+            )
+        run, pad = self._runner(), seq.pad_id(lm)
+        order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))  # similar lengths share a bucket
+        outputs: list[str] = [""] * len(texts)
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        for batch in progress_bar(batches, progress, "generate"):
+            rows = [encoded[i] for i in batch]
+            rows += [[]] * (config.batch_size - len(rows))  # dummy rows keep the batch shape static
+            ids, valid = seq.left_pad(rows, seq.bucket_length(max(map(len, rows)), config.length_buckets), pad)
+            active = np.arange(config.batch_size) < len(batch)
+            out, n_kept = run(ids, valid, active)
+            out, n_kept = np.asarray(out), np.asarray(n_kept)
+            decoded = lm.tokenizer.batch_decode(
+                [out[row, : n_kept[row]].tolist() for row in range(len(batch))], skip_special_tokens=True
+            )
+            for i, text in zip(batch, decoded):
+                outputs[i] = seq.cut_at_stop(text, config.stop_sequences)
+        return outputs
+
+    def close(self) -> None:
+        """Drop the per-layer weight copies and give their pages back to the OS."""
+        self._run, self._closed = None, True
+        release_freed_memory()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def generate(
     lm,
     texts: Sequence[str],
@@ -103,6 +179,7 @@ def generate(
     The prefix is computed once (or pass a ready ``prefix=prefix_cache(...)`` to share it between
     calls). Outputs skip special tokens, stop before EOS and are cut at the first stop sequence.
     Inputs longer than the largest bucket or the model's context are cut from the left, with a warning.
+    To generate batch by batch, keep one `Generator` instead: each call here builds its own.
 
     ``mesh``: a `jax.sharding.Mesh` with ``data`` and ``model`` axes (explicit or auto axis types):
     each batch's rows over ``data`` (``config.batch_size`` must divide it), weights over ``model`` by
@@ -110,54 +187,16 @@ def generate(
     replicated, the batch's KV cache over rows and kv heads. The outputs equal a single-device run's.
     On several processes every process runs this same call and gets every output.
     """
-    on = None
-    if mesh is not None:
-        from spt_jax.tune.mesh import on_mesh
-
-        on = on_mesh(lm, mesh, config.batch_size, "GenerationConfig.batch_size")
-    prefix = resolve_prefix(lm, soft_prompt, prefix_text, prefix, config.length_buckets,
-                            mesh=None if on is None else on.mesh, params=None if on is None else on.params)
-    if not len(texts):
-        return []
-    max_input = _max_input_length(lm, prefix, config.max_new_tokens, config.length_buckets)
-    encoded = [seq.encode(lm.tokenizer, prefix.join(t)) for t in texts]
-    encoded = seq.truncate_all_left(encoded, max_input, what="generation inputs")
-    if prefix.length == 0 and any(len(e) == 0 for e in encoded):
-        raise DataError(
-            "an input text tokenizes to nothing and there is no BOS, soft prompt or prefix text "
-            "to condition on; give every example some text"
-        )
-
-    eos, stop = stop_masks(lm, config.stop_sequences)
-    new_slots = seq.round_up(config.max_new_tokens, seq.NEW_TOKEN_ROUNDING)
-    pad = seq.pad_id(lm)
-    run = _batch_runner(lm, on, prefix.kv, eos, stop, config.max_new_tokens, new_slots)
-
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))  # similar lengths share a bucket
-    outputs: list[str] = [""] * len(texts)
-    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    for batch in progress_bar(batches, progress, "generate"):
-        rows = [encoded[i] for i in batch]
-        rows += [[]] * (config.batch_size - len(rows))  # dummy rows keep the batch shape static
-        ids, valid = seq.left_pad(rows, seq.bucket_length(max(map(len, rows)), config.length_buckets), pad)
-        active = np.arange(config.batch_size) < len(batch)
-        out, n_kept = run(ids, valid, active)
-        out, n_kept = np.asarray(out), np.asarray(n_kept)
-        decoded = lm.tokenizer.batch_decode(
-            [out[row, : n_kept[row]].tolist() for row in range(len(batch))], skip_special_tokens=True
-        )
-        for i, text in zip(batch, decoded):
-            outputs[i] = seq.cut_at_stop(text, config.stop_sequences)
-    del run  # its per-layer weight copies, before their pages go back to the OS
-    release_freed_memory()
-    return outputs
+    with Generator(lm, soft_prompt=soft_prompt, prefix_text=prefix_text, prefix=prefix, config=config,
+                   mesh=mesh) as generator:  # fmt: skip
+        return generator(texts, progress=progress)
 
 
 def _batch_runner(lm, on, kv: PrefixKV, eos, stop, max_new: int, new_slots: int):
     """``run(ids, valid, active) -> (out, n_kept)`` for one batch, on one device or on ``on``'s mesh.
 
-    The decode steps' per-layer weight buffers are made here, once for all of a call's batches, and
-    dropped with it (they double the layers' memory while generation runs).
+    The decode steps' per-layer weight buffers are made here, once for all of a `Generator`'s
+    batches, and dropped with it (they double the layers' memory while generation runs).
     """
     per_layer = jax.default_backend() == "cpu"  # see the module docstring
     if on is None:

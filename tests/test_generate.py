@@ -205,6 +205,24 @@ def test_generation_drops_its_weight_copies_before_returning_freed_memory(lm, mo
     assert at_release == [before]
 
 
+def test_a_generator_called_batch_by_batch_builds_its_weight_copies_once(lm, monkeypatch):
+    """A `Generator` keeps what `generate` builds per call (the per-layer weights among it) until closed;
+    called batch by batch it gives one call's outputs, and after `close` it refuses to run."""
+    built = []
+    real = gen._batch_runner
+    monkeypatch.setattr(gen, "_batch_runner", lambda *a, **k: built.append(1) or real(*a, **k))
+    config = dataclasses.replace(NO_STOP, batch_size=2)
+    together = gen.generate(lm, TEXTS, prefix_text="q: ", config=config)
+    assert len(built) == 1
+    with gen.Generator(lm, prefix_text="q: ", config=config) as generator:
+        assert generator([]) == [] and not built[1:]  # nothing built until there are texts
+        batches = [generator(TEXTS[i : i + 2]) for i in range(0, len(TEXTS), 2)]
+    assert sum(batches, []) == together
+    assert len(built) == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        generator(TEXTS[:1])
+
+
 def test_long_inputs_are_cut_from_the_left_with_a_warning(lm):
     config = gen.GenerationConfig(max_new_tokens=4, stop_sequences=(), batch_size=2, length_buckets=(8, 16))
     long = "abcdefghijklmnopqrstuvwxyz"
