@@ -14,7 +14,8 @@ counted in ``lm.compiled`` under "prefix" and "generate". The prefill scans the 
 compiled layer). On CPU the decode steps run the layers one by one on per-layer copies of their
 weights, made once per `generate` call or `Generator` (`unstack_layers`, counted under
 "unstack_layers"), because a scan copies every layer's weights out of the stack on every step,
-which costs a one-token step more than its GEMMs there; elsewhere (measured on CPU only, and accelerator memory is dearer) decode scans too.
+which costs a one-token step more than its GEMMs there; elsewhere (measured on CPU only, and
+accelerator memory is dearer) decode scans too.
 On one device those copies hold each kernel output-major and a decode step computes its
 projections (and a tied head) as ``W @ x^T``, which XLA:CPU runs about twice as fast for 8 rows
 (BUILD_NOTES.md, issue 11); on a mesh they keep the stacked layout its per-layer shardings describe.

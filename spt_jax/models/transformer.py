@@ -154,9 +154,10 @@ def _attend(q, k, v, mask, c: ModelConfig, dtype):
     """Grouped-query attention: q ``[B, T, H, d]`` over k, v ``[B, S, K, d]`` where ``mask [B, T, S]``.
 
     Heads-major, as XLA:CPU wants its batched dots: each kv head's G query heads are one ``[G*T, d]``
-    block, so neither dot's operands or result are transposed around it, and the softmax's division
-    comes after the value product (``[G*T, d]`` instead of ``[G*T, S]`` divisions). Three times
-    faster than the ``[B, T, K, G, d]`` einsums on CPU (BUILD_NOTES.md, issue 11).
+    block against ``[S, d]`` keys, so the scores come out in the layout the softmax and the value
+    product read (the ``[B, T, K, G, d]`` einsums made XLA transpose them around both dots), and
+    the softmax divides after the value product (``[G*T, d]`` divisions instead of ``[G*T, S]``).
+    About three times faster on CPU (BUILD_NOTES.md, issue 11).
     """
     B, T, H, d = q.shape
     S, K = k.shape[1:3]
