@@ -113,8 +113,6 @@ class Generator:
         self._run, self._closed = None, False
 
     def _runner(self):
-        if self._closed:
-            raise RuntimeError("this Generator is closed")
         if self._run is None:
             lm, config = self.lm, self.config
             eos, stop = stop_masks(lm, config.stop_sequences)
@@ -124,6 +122,8 @@ class Generator:
 
     def __call__(self, texts: Sequence[str], *, progress: bool = False) -> list[str]:
         """Greedy completions of ``texts`` after the prefix (see `generate`)."""
+        if self._closed:
+            raise RuntimeError("this Generator is closed")
         lm, config, prefix = self.lm, self.config, self.prefix
         if not len(texts):
             return []

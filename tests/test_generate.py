@@ -219,8 +219,9 @@ def test_a_generator_called_batch_by_batch_builds_its_weight_copies_once(lm, mon
         batches = [generator(TEXTS[i : i + 2]) for i in range(0, len(TEXTS), 2)]
     assert sum(batches, []) == together
     assert len(built) == 2
-    with pytest.raises(RuntimeError, match="closed"):
-        generator(TEXTS[:1])
+    for texts in (TEXTS[:1], []):
+        with pytest.raises(RuntimeError, match="closed"):
+            generator(texts)
 
 
 def test_long_inputs_are_cut_from_the_left_with_a_warning(lm):
