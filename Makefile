@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/spt-jax run
 
+# Two pytest-xdist workers: much of the suite is compiling and subprocesses, which leave a core idle
+# when run one test at a time (BUILD_NOTES.md, "Test suite").
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal tests
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/run_all.py

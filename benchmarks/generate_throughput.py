@@ -98,7 +98,7 @@ def jax_worker(args):
     # as the zero-shot mode runs: the instruction shared by every prompt is one cached prefix
     prefix = prefix_cache(lm, prefix_text=instruction)
     # one Generator for every batch, as a user generating batch by batch keeps one: its per-layer
-    # decode weights are made once (in the warm-up), not per batch
+    # decode weights are made once (in the warm-up), not per batch; it lives as long as this worker
     start = time.perf_counter()
     generator = gen.Generator(lm, prefix=prefix, config=config)
     run_batch = lambda i: generator(questions[i * args.batch : (i + 1) * args.batch])  # noqa: E731

@@ -91,33 +91,36 @@ def stop_masks(lm, stop_sequences: Sequence[str]) -> tuple[np.ndarray, np.ndarra
 class Generator:
     """`generate` for many calls with one prefix and config: builds once what each call would.
 
-    The prefix's KV and the stop masks are made here; the compiled batch function and, on CPU, the
-    decode steps' per-layer weight copies (`_batch_runner`: they double the layers' memory while
-    they live) on the first call with texts. All are kept until `close` (or the ``with`` block's
-    end), so calling it batch by batch costs what one `generate` over all the texts does.
-    Arguments as `generate`'s.
+    The prefix's KV and the stop masks are made here, so a prefix that leaves no room for
+    ``max_new_tokens`` fails here too; the compiled batch function and, on CPU, the decode steps'
+    per-layer weight copies (`_batch_runner`: they double the layers' memory while they live) on the
+    first call with texts. All are kept until `close` (or the ``with`` block's end), so calling it
+    batch by batch costs what one `generate` over all the texts does. One caller at a time: it is not
+    thread-safe. Arguments as `generate`'s.
     """
 
     def __init__(self, lm, *, soft_prompt: jax.Array | None = None, prefix_text: str = "",
                  prefix: PrefixCache | None = None, config: GenerationConfig = GenerationConfig(),
                  mesh: Mesh | None = None):  # fmt: skip
-        on = None
+        placed = None  # `spt_jax.tune.mesh.OnMesh`: the mesh and the weights placed on it
         if mesh is not None:
             from spt_jax.tune.mesh import on_mesh
 
-            on = on_mesh(lm, mesh, config.batch_size, "GenerationConfig.batch_size")
-        self.lm, self.config, self._on = lm, config, on
+            placed = on_mesh(lm, mesh, config.batch_size, "GenerationConfig.batch_size")
+        self.lm, self.config, self._placed = lm, config, placed
         self.prefix = resolve_prefix(lm, soft_prompt, prefix_text, prefix, config.length_buckets,
-                                     mesh=None if on is None else on.mesh, params=None if on is None else on.params)
+                                     mesh=None if placed is None else placed.mesh,
+                                     params=None if placed is None else placed.params)
         self._max_input = _max_input_length(lm, self.prefix, config.max_new_tokens, config.length_buckets)
+        self._stop_masks = stop_masks(lm, config.stop_sequences)
         self._run, self._closed = None, False
 
     def _runner(self):
         if self._run is None:
-            lm, config = self.lm, self.config
-            eos, stop = stop_masks(lm, config.stop_sequences)
+            config = self.config
             new_slots = seq.round_up(config.max_new_tokens, seq.NEW_TOKEN_ROUNDING)
-            self._run = _batch_runner(lm, self._on, self.prefix.kv, eos, stop, config.max_new_tokens, new_slots)
+            self._run = _batch_runner(self.lm, self._placed, self.prefix.kv, *self._stop_masks,
+                                      config.max_new_tokens, new_slots)
         return self._run
 
     def __call__(self, texts: Sequence[str], *, progress: bool = False) -> list[str]:
@@ -134,7 +137,7 @@ class Generator:
                 "an input text tokenizes to nothing and there is no BOS, soft prompt or prefix text "
                 "to condition on; give every example some text"
             )
-        run, pad = self._runner(), seq.pad_id(lm)
+        pad = seq.pad_id(lm)
         order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))  # similar lengths share a bucket
         outputs: list[str] = [""] * len(texts)
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
@@ -143,7 +146,7 @@ class Generator:
             rows += [[]] * (config.batch_size - len(rows))  # dummy rows keep the batch shape static
             ids, valid = seq.left_pad(rows, seq.bucket_length(max(map(len, rows)), config.length_buckets), pad)
             active = np.arange(config.batch_size) < len(batch)
-            out, n_kept = run(ids, valid, active)
+            out, n_kept = self._runner()(ids, valid, active)  # not in a local, which a traceback would keep
             out, n_kept = np.asarray(out), np.asarray(n_kept)
             decoded = lm.tokenizer.batch_decode(
                 [out[row, : n_kept[row]].tolist() for row in range(len(batch))], skip_special_tokens=True

@@ -224,6 +224,31 @@ def test_a_generator_called_batch_by_batch_builds_its_weight_copies_once(lm, mon
             generator(texts)
 
 
+def test_a_batch_that_fails_still_leaves_its_weight_copies_dropped_and_the_error_raised(lm, monkeypatch):
+    """An error in a batch's host work (here: cutting at the stop sequences) reaches the caller, and
+    the heap trim on the way out finds no copy held by the failing call's frame."""
+    layer_shapes = {x.shape[1:] for x in jax.tree.leaves(lm.params["layers"]) if x.ndim > 2}
+    count = lambda: sum(a.shape in layer_shapes for a in jax.live_arrays())  # noqa: E731
+    before, at_release = count(), []
+    monkeypatch.setattr(gen, "release_freed_memory", lambda: at_release.append(count()))
+
+    def fail(text, stops):
+        raise RuntimeError("cut failed")
+
+    monkeypatch.setattr(gen.seq, "cut_at_stop", fail)
+    with pytest.raises(RuntimeError, match="cut failed"):
+        gen.generate(lm, TEXTS, config=NO_STOP)
+    assert at_release == [before]
+
+
+def test_a_prefix_that_leaves_no_room_fails_when_the_generator_is_made(lm):
+    """Before any text is given (an empty call would have hidden it), naming both sizes."""
+    small_context = dataclasses.replace(lm, config=lm.config.replace(max_position_embeddings=12))
+    config = gen.GenerationConfig(max_new_tokens=8, stop_sequences=(), batch_size=2)
+    with pytest.raises(ConfigError, match=r"plus 8 new tokens fill .* context of 12 tokens"):
+        gen.Generator(small_context, prefix_text="abcdefgh", config=config)
+
+
 def test_long_inputs_are_cut_from_the_left_with_a_warning(lm):
     config = gen.GenerationConfig(max_new_tokens=4, stop_sequences=(), batch_size=2, length_buckets=(8, 16))
     long = "abcdefghijklmnopqrstuvwxyz"

@@ -149,6 +149,45 @@ ABLATIONS = [
     ("llama3_rope", dict(rope=RopeConfig(theta=100.0))),
 ]
 
+def _textbook_attention(q, k, v, mask, scale, softcap):
+    """Repeat each kv head for its query heads (head h reads kv head h // G, as HF's repeat_kv) and
+    softmax the masked scores."""
+    G = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
+    weights = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_attention_matches_the_textbook_formula_and_its_gradient(softcap):
+    """`_attend`'s heads-major blocks, with 3 query heads per kv head (the fixtures have 2) and a query
+    row with no key to attend to (a padding slot): outputs and gradients as the plain formula's."""
+    from spt_jax.models.transformer import _attend
+
+    config = models.ModelConfig("llama", vocab_size=8, d_model=24, n_layers=1, n_heads=6, n_kv_heads=2,
+                                head_dim=4, d_ff=8, max_position_embeddings=16, attn_softcap=softcap)
+    kq, kk, kv, km, kc = jax.random.split(jax.random.key(0), 5)
+    B, T, S = 2, 3, 5
+    q, k, v = (jax.random.normal(key, shape) for key, shape in
+               ((kq, (B, T, 6, 4)), (kk, (B, S, 2, 4)), (kv, (B, S, 2, 4))))
+    mask = jax.random.bernoulli(km, 0.6, (B, T, S)).at[:, :, 0].set(True).at[1, 2].set(False)
+    cotangent = jax.random.normal(kc, (B, T, 6, 4))
+    ours = lambda q, k, v: _attend(q, k, v, mask, config, jnp.float32)  # noqa: E731
+    textbook = lambda q, k, v: _textbook_attention(q, k, v, mask, config.scale, softcap)  # noqa: E731
+    got = ours(q, k, v)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, textbook(q, k, v), atol=1e-6)
+    grads = [jax.grad(lambda *x, f=f: (f(*x) * cotangent).sum(), argnums=(0, 1, 2))(q, k, v)
+             for f in (ours, textbook)]
+    for got_grad, want_grad in zip(*grads):
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-5)
+    half = _attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask, config, jnp.bfloat16)
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(half.astype(jnp.float32), got, atol=3e-2)
+
 
 @pytest.mark.parametrize(("variant", "changes"), ABLATIONS, ids=lambda p: str(p))
 def test_variant_features_matter(loaded, variant, changes):
