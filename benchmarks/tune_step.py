@@ -124,16 +124,18 @@ def spt_jax_step(lm, rows, specials: Specials):
     import jax
 
     from spt_jax import tune
-    from spt_jax.sequence import Encoded, Layout, closed_buckets, fit_buckets
+    from spt_jax.sequence import Encoded, Layout, closed_buckets, fit_buckets, round_up
     from spt_jax.tune.mesh import replicated
 
     config = tune.TuneConfig(prompt_length=P, batch_size=B)  # remat="auto", as `tune` runs it
     encoded = [Encoded((*inp,), (*ans,), 0) for inp, ans in rows]
     layout = Layout(bos=(specials.bos,), eos=(), pad_id=specials.pad, prompt_length=P, max_length=512,
                     buckets=(512,))
-    # the buckets `tune` fits to a run's batches (here: one batch, so its own longest row)
+    # the buckets and head rows `tune` fits to a run's batches (here: one batch, so its own longest
+    # row and its own target tokens, rounded up to a multiple of the batch size)
     buckets = closed_buckets(fit_buckets([max(map(layout.row_length, encoded))]), 512)
-    batch = dataclasses.replace(layout, buckets=buckets).training_batch(encoded)
+    head_rows = round_up(sum(len(e.target_ids) for e in encoded), B)
+    batch = dataclasses.replace(layout, buckets=buckets, head_rows=head_rows).training_batch(encoded)
     mesh = tune.make_mesh(1, 1, devices=jax.devices()[:1])
     step = tune.make_train_step(lm, config, mesh)
     prompt = jax.device_put(tune.init_prompt(lm, config), replicated(mesh))
@@ -235,8 +237,8 @@ def main() -> None:
     ours_step()  # compiles
     compile_s = time.perf_counter() - t0
     theirs_step()  # warm-up
-    T, A = batch["tokens"].shape[1], batch["target_ids"].shape[1]
-    sample_rate = gemm_rate_sampler(lm.config, T, B * A)
+    T, N = batch["tokens"].shape[1], batch["target_ids"].shape[0]
+    sample_rate = gemm_rate_sampler(lm.config, T, N)
     # Interleaved, so a change in machine load while measuring hits all three alike.
     ours, theirs, rates = [], [], []
     for _ in range(args.steps):
@@ -246,7 +248,7 @@ def main() -> None:
     compilations = train_step.compilations
 
     n_targets = int(batch["target_mask"].sum())
-    flops = step_flops(lm.config, T, B * A)
+    flops = step_flops(lm.config, T, N)
     rate = statistics.median(rates)
     ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
     bound_s, best_bound_s = flops / rate, flops / max(rates)
@@ -254,7 +256,7 @@ def main() -> None:
           f"answers <= {MAX_ANSWER} "
           f"tokens ({n_targets} target tokens); {os.cpu_count()} cores, torch threads {args.threads}")
     print(f"spt_jax : {ours_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(ours) * 1e3:.1f}), "
-          f"padded length {T} (fitted bucket), answer width {A}, first call {compile_s:.1f} s, "
+          f"padded length {T} (fitted bucket), head rows {N}, first call {compile_s:.1f} s, "
           f"compilations {compilations}, remat {resolve_remat(TuneConfig().remat, lm.config, B, T)}")
     print(f"PEFT    : {theirs_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(theirs) * 1e3:.1f}), "
           f"length {P + peft_len} (prompt + longest row)")

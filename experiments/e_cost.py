@@ -12,11 +12,11 @@ wall time per step (median over the steps after the compiling one) and peak memo
 VmHWM, reset after the model loaded: what training added on top of the loaded model, a lower bound).
 
 FLOPs per step, with N = parameters every token passes through (all but the embedding table and an
-untied head), T = padded row length, B = batch, A = answer slots, D x V the output projection (both
-methods project only the target slots):
+untied head), T = padded row length, B = batch, R = head rows (the batch's target tokens, packed), D x V the
+output projection (both methods project only the target tokens):
 
-    full SFT:     6 N B T + 6 D V B A       (forward 2, backward to activations 2, to weights 2)
-    soft prompt:  (4 + 2 r) N B T + 4 D V B A   (no weight gradients; r = 1 under remat "full",
+    full SFT:     6 N B T + 6 D V R         (forward 2, backward to activations 2, to weights 2)
+    soft prompt:  (4 + 2 r) N B T + 4 D V R     (no weight gradients; r = 1 under remat "full",
                   which recomputes each layer's matmuls in the backward; 0 under "dots", which
                   stores the projections' outputs, and "none")
 
@@ -95,7 +95,7 @@ def soft_prompt_steps(lm, pairs, steps: int, remat: str | None = None) -> dict:
     B, T = len(pairs), history[-1]["seq_len"]
     return {"trained_params": int(config.prompt_length * lm.config.d_model), "prompt_length": config.prompt_length,
             "remat": config.remat, "remat_resolved": tune.step.resolve_remat(config.remat, lm.config, B, T),
-            "batch": [B, T, history[-1]["answer_width"]],
+            "batch": [B, T, history[-1]["head_rows"]],
             "first_step_s": history[0]["step_time_s"], "compilations": result.metadata["compilations"],
             "step_times_s": [h["step_time_s"] for h in history[1:]],
             "timed_steps_compiled": sum(bool(h["compiled"]) for h in history[1:]),
@@ -113,8 +113,8 @@ def sft_loss(params, *, graphdef, batch):
     model = nnx.merge(graphdef, params)
     valid = batch["valid"]
     hidden, _ = model(model.embed(batch["tokens"]), models.positions_from_mask(valid), valid)  # [B, T, D]
-    picked = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)  # [B, A, D]
-    losses = optax.softmax_cross_entropy_with_integer_labels(model.logits(picked), batch["target_ids"])  # [B, A]
+    picked = hidden[batch["target_row"], batch["target_index"]]  # [N, D]
+    losses = optax.softmax_cross_entropy_with_integer_labels(model.logits(picked), batch["target_ids"])  # [N]
     mask = batch["target_mask"].astype(jnp.float32)
     return jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1.0)
 
@@ -130,11 +130,14 @@ def full_sft_steps(lm, pairs, steps: int) -> dict:
     from flax import nnx
 
     from spt_jax import tune
+    from spt_jax.sequence import round_up
 
     layout = dataclasses.replace(tune.tuning_layout(lm, tune.TuneConfig()), prompt_length=0)  # no prompt slots
     encoder = tune.ExampleEncoder(lm.tokenizer, pairs, layout)
     longest = max(layout.row_length(encoder(i)) for i in range(len(pairs)))
-    layout = dataclasses.replace(layout, buckets=(longest,))  # padded to the longest row, as tuning's fitted buckets
+    n_targets = sum(len(encoder(i).target_ids) for i in range(len(pairs)))
+    # padded to the longest row and the head to the batch's targets, as tuning fits them
+    layout = dataclasses.replace(layout, buckets=(longest,), head_rows=round_up(n_targets, len(pairs)))
     batch = tune.ExampleEncoder(lm.tokenizer, pairs, layout).batch(range(len(pairs)))
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_index"}
     graphdef, params = nnx.split(lm.model)  # the model as a pure pytree of its parameters
@@ -157,7 +160,7 @@ def full_sft_steps(lm, pairs, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     B, T = batch["tokens"].shape
-    return {"trained_params": int(n_params), "batch": [int(B), int(T), int(batch["target_ids"].shape[1])],
+    return {"trained_params": int(n_params), "batch": [int(B), int(T), int(batch["target_ids"].shape[0])],
             "first_step_s": times[0], "compilations": 1, "step_times_s": times[1:], "timed_steps_compiled": 0,
             "losses": losses}
 
@@ -197,15 +200,15 @@ def body_params(w: dict) -> int:
 
 
 def flops_per_step(w: dict) -> dict:
-    B, T, A = w["batch"]
+    B, T, R = w["batch"]
     N, head = body_params(w), w["d_model"] * w["vocab_size"]
     if w["method"] == "full_sft":
-        factor, head_factor, formula = 6, 6, "6 N B T + 6 D V B A"
+        factor, head_factor, formula = 6, 6, "6 N B T + 6 D V R"
     else:
         factor, head_factor = 4 + 2 * (w["remat_resolved"] == "full"), 4  # "dots" stores every matmul's output
-        formula = f"{factor} N B T + 4 D V B A (remat {w['remat_resolved']})"
-    return {"N": N, "tokens": B * T, "answer_slots": B * A, "formula": formula,
-            "flops": factor * N * B * T + head_factor * head * B * A}
+        formula = f"{factor} N B T + 4 D V R (remat {w['remat_resolved']})"
+    return {"N": N, "tokens": B * T, "head_rows": R, "formula": formula,
+            "flops": factor * N * B * T + head_factor * head * R}
 
 
 def run_worker(model: str, method: str, args) -> dict:
@@ -292,14 +295,14 @@ def summary_markdown(data: dict) -> str:
              f"One fixed batch of {s['batch_size']} `{s['task']}` train examples; {s['steps']} timed steps after "
              "the compiling one, each method in a fresh process; float32 on CPU. soft prompt: the library's "
              "defaults (remat 'auto', resolved per batch shape); remat full: every layer recomputed. B x T x A: batch, padded row "
-             "length (the soft prompt's rows carry its P = 10 slots), answer slots. Peak: VmHWM reset after "
+             "length (the soft prompt's rows carry its P = 10 slots), head rows. Peak: VmHWM reset after "
              "the model loaded (what training added, on top of the loaded model's RSS; a lower bound, since "
              "training may first reuse pages the loader freed but the process kept).", "",
              "FLOPs per step, N = parameters every token passes through (not the embedding table): full SFT "
-             "`6 N B T + 6 D V B A`; soft prompt `(4 + 2 r) N B T + 4 D V B A` (no weight gradients; r = 1 under "
+             "`6 N B T + 6 D V R`; soft prompt `(4 + 2 r) N B T + 4 D V R` (no weight gradients; r = 1 under "
              "remat 'full', which recomputes every layer's matmuls in the backward; 0 under 'dots', which "
              "stores their outputs). Attention's T^2 terms omitted.", "",
-             common.md_table(["model", "method", "trained params", "share of model", "B x T x A", "FLOPs / step",
+             common.md_table(["model", "method", "trained params", "share of model", "B x T x R", "FLOPs / step",
                               "wall / step (median)", "GFLOP/s", "first step (compile)", "peak MiB in training",
                               "RSS after load MiB", "added by training MiB", "loss"], table), "",
              common.md_table(["model", "ratio", "trained params", "FLOPs / step", "wall / step",

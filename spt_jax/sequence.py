@@ -248,6 +248,9 @@ class Layout:
     prompt_length: int
     max_length: int
     buckets: tuple[int, ...]
+    # Rows the vocabulary projection runs on, the batch's target tokens packed into them (`tune`
+    # fits it to the run's batches); None: one per slot of a B x answer-width grid.
+    head_rows: int | None = None
 
     @classmethod
     def for_model(cls, lm, *, prompt_length: int, max_length: int, append_eos: bool = True,
@@ -290,35 +293,41 @@ class Layout:
     def training_batch(self, rows: Sequence[Encoded]) -> dict[str, np.ndarray]:
         """Left-padded arrays for a batch of encoded rows.
 
-        Returns (B rows, T = length bucket, A = answer width):
+        Returns (B rows, T = length bucket, N = `head_rows`, or B x the answer width when unset or
+        too few for this batch), the target tokens packed row after row into the first N slots:
           tokens [B, T] int32        text ids; pad id on padding and prompt slots
           valid [B, T] bool          False on padding
           prompt_index [B, T] int32  0..P-1 on the prompt slots, -1 elsewhere
-          target_index [B, A] int32  the slot whose hidden state predicts each target token
-          target_ids [B, A] int32    the target tokens (EOS included), 0 past the end
-          target_mask [B, A] bool    True on real target tokens
+          target_row [N] int32       the row of each target token
+          target_index [N] int32     the slot whose hidden state predicts it
+          target_ids [N] int32       the target tokens (EOS included), 0 past the last
+          target_mask [N] bool       True on real target tokens
         """
         lengths = [self.row_length(r) for r in rows]
         T = bucket_length(max(lengths), self.buckets)
-        A = pow2_width(max(len(r.target_ids) for r in rows), MIN_ANSWER_WIDTH)
         B = len(rows)
+        n_targets = sum(len(r.target_ids) for r in rows)
+        N = self.head_rows
+        if N is None or N < n_targets:
+            N = B * pow2_width(max(len(r.target_ids) for r in rows), MIN_ANSWER_WIDTH)
         tokens = np.full((B, T), self.pad_id, np.int32)
         valid = np.zeros((B, T), bool)
         prompt_index = np.full((B, T), -1, np.int32)
-        target_index = np.zeros((B, A), np.int32)
-        target_ids = np.zeros((B, A), np.int32)
-        target_mask = np.zeros((B, A), bool)
+        target_row, target_index, target_ids = (np.zeros(N, np.int32) for _ in range(3))
+        target_mask = np.arange(N) < n_targets
+        at = 0
         for b, (row, n) in enumerate(zip(rows, lengths)):
             start = T - n
             valid[b, start:] = True
             self._write_head(tokens[b], prompt_index[b], start)
             tokens[b, start + self.n_fixed :] = np.asarray(row.input_ids + row.target_ids, np.int32)
             n_tgt = len(row.target_ids)
-            target_ids[b, :n_tgt] = row.target_ids
-            target_mask[b, :n_tgt] = True
-            target_index[b, :n_tgt] = np.arange(T - n_tgt, T) - 1
-        return dict(tokens=tokens, valid=valid, prompt_index=prompt_index, target_index=target_index,
-                    target_ids=target_ids, target_mask=target_mask)
+            target_row[at : at + n_tgt] = b
+            target_index[at : at + n_tgt] = np.arange(T - n_tgt, T) - 1
+            target_ids[at : at + n_tgt] = row.target_ids
+            at += n_tgt
+        return dict(tokens=tokens, valid=valid, prompt_index=prompt_index, target_row=target_row,
+                    target_index=target_index, target_ids=target_ids, target_mask=target_mask)
 
     def prefix_row(self, text_ids: Sequence[int], bucket: int) -> tuple[np.ndarray, np.ndarray]:
         """``[BOS]? [prompt] [prefix text]`` right-padded to ``bucket``: ids ``[1, bucket]`` and

@@ -239,15 +239,17 @@ def test_e_cost_quick(tmp_path):
     for r in (spt, sft):
         assert len(r["step_times_s"]) == 2 and r["timed_steps_compiled"] == 0 and r["median_step_s"] > 0
         assert r["losses"][-1] < r["losses"][0], r["losses"]  # both really train
-        assert r["peak_process_mib"] > r["rss_after_load_mib"] > 100
-        B, T, A = r["batch"]
+        # the kernel's peak (getrusage) can trail /proc's RSS read after loading by a few pages when
+        # training adds next to nothing (the soft prompt's packed head at this tiny size)
+        assert r["peak_process_mib"] > r["rss_after_load_mib"] - 1 and r["rss_after_load_mib"] > 100
+        B, T, R = r["batch"]
         f = r["flops_per_step"]
         assert f["tokens"] == B * T and 0 < f["N"] < r["n_params"]
     assert spt["batch"][1] >= sft["batch"][1]  # the soft prompt's rows carry its P slots
     recompute = 2 if spt["remat_resolved"] == "full" else 0  # remat "full" runs each layer's forward twice
     for r, body, head in ((sft, 6, 6), (spt, 4 + recompute, 4)):  # the documented formulas
-        B, T, A = r["batch"]
-        assert r["flops_per_step"]["flops"] == body * r["flops_per_step"]["N"] * B * T + head * r["d_model"] * r["vocab_size"] * B * A
+        B, T, R = r["batch"]  # R: the head's rows
+        assert r["flops_per_step"]["flops"] == body * r["flops_per_step"]["N"] * B * T + head * r["d_model"] * r["vocab_size"] * R
     assert len(table_rows(summary, "model")) == 2 + 1  # the main table's two rows, then the ratio row
 
 

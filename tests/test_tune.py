@@ -7,6 +7,8 @@ that change the program); a test that counts compilations exactly tunes a fresh 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 import warnings
@@ -21,7 +23,7 @@ from tune_support import arithmetic_examples, tiny_lm
 from spt_jax import tune
 from spt_jax.errors import ConfigError, DataError, SptError
 from spt_jax.sequence import (
-    MIN_ANSWER_WIDTH, Encoded, bucket_length, encode, fit_buckets, pow2_width, tuning_buckets,
+    MIN_ANSWER_WIDTH, Encoded, bucket_length, encode, fit_buckets, pow2_width, round_up, tuning_buckets,
 )
 from spt_jax.tune.checkpoint import TuneCheckpoints
 from spt_jax.tune.data import DataOrder, ExampleEncoder, as_pairs, tuning_layout
@@ -58,7 +60,8 @@ def test_collate_follows_the_token_layout(lm):
     encoder = ExampleEncoder(tok, pairs, layout)
     batch = layout.training_batch([encoder(0), encoder(1)])
     T = batch["tokens"].shape[1]
-    assert T == 32 and batch["target_ids"].shape[1] == 8
+    assert T == 32 and batch["target_ids"].shape == (16,)  # no head rows planned: 2 rows x 8 slots
+    at = 0
     for b, (inp, tgt) in enumerate(pairs):
         text = encode(tok, inp) + encode(tok, tgt) + [tok.eos_token_id]
         n = 1 + P + len(text)
@@ -69,13 +72,39 @@ def test_collate_follows_the_token_layout(lm):
         assert (batch["prompt_index"][b, : start + 1] == -1).all()  # ... then the prompt, then text
         assert (batch["prompt_index"][b, start + 1 + P :] == -1).all()
         np.testing.assert_array_equal(batch["tokens"][b, start + 1 + P :], text)
-        n_tgt = len(encode(tok, tgt)) + 1
-        mask = batch["target_mask"][b]
-        assert mask[:n_tgt].all() and not mask[n_tgt:].any()
-        targets = batch["target_ids"][b, :n_tgt]
+        n_tgt = len(encode(tok, tgt)) + 1  # packed row after row
+        mine = slice(at, at + n_tgt)
+        assert batch["target_mask"][mine].all() and (batch["target_row"][mine] == b).all()
+        targets = batch["target_ids"][mine]
         np.testing.assert_array_equal(targets, text[-n_tgt:])
         # each target token is predicted by the slot right before it
-        np.testing.assert_array_equal(batch["tokens"][b, batch["target_index"][b, :n_tgt] + 1], targets)
+        np.testing.assert_array_equal(batch["tokens"][b, batch["target_index"][mine] + 1], targets)
+        at += n_tgt
+    assert not batch["target_mask"][at:].any() and not batch["target_ids"][at:].any()
+
+
+def test_the_head_runs_on_the_packed_target_tokens_with_the_grids_loss(lm):
+    """Planned head rows pack the batch's targets into fewer rows than a B x answer-width grid (at
+    Gemma 3's vocabulary the head is a large part of a step); loss and gradient are the grid's.
+    Too few planned rows for a batch fall back to the grid rather than dropping targets."""
+    layout = tuning_layout(lm, CONFIG)
+    pairs = [("12+3=", " 15"), ("1+1=", " 2"), ("7+7=", " 14"), ("2+2=", " 4")]
+    encoder = ExampleEncoder(lm.tokenizer, pairs, layout)
+    rows = [encoder(i) for i in range(len(pairs))]
+    n_targets = sum(len(r.target_ids) for r in rows)
+    grid = layout.training_batch(rows)
+    packed = dataclasses.replace(layout, head_rows=round_up(n_targets, len(rows))).training_batch(rows)
+    assert grid["target_ids"].shape == (len(rows) * MIN_ANSWER_WIDTH,)
+    assert packed["target_ids"].shape == (round_up(n_targets, len(rows)),) and packed["target_mask"].sum() == n_targets
+    too_few = dataclasses.replace(layout, head_rows=n_targets - 1).training_batch(rows)
+    assert too_few["target_ids"].shape == grid["target_ids"].shape
+    prompt = tune.init_prompt(lm, CONFIG)
+    loss = jax.jit(jax.value_and_grad(functools.partial(tune.step.prompt_loss, graphdef=lm.graphdef), has_aux=True))
+    (grid_loss, grid_count), grid_grad = loss(prompt, lm.params, grid)
+    (packed_loss, packed_count), packed_grad = loss(prompt, lm.params, packed)
+    assert grid_count == packed_count == n_targets
+    np.testing.assert_allclose(packed_loss, grid_loss, rtol=1e-6)
+    np.testing.assert_allclose(packed_grad, grid_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_collate_without_bos_puts_the_prompt_first():
@@ -267,6 +296,8 @@ def test_tune_trains_only_the_prompt_and_compiles_once_per_bucket(tmp_path):
     meta = result.metadata
     shapes = meta["batch_shapes_used"]
     assert len(shapes) >= 2 and meta["length_buckets_used"] == sorted({t for t, _ in shapes})
+    most = max(h["n_targets"] for h in result.history)  # the head rows planned for every batch
+    assert {h["head_rows"] for h in result.history} == {round_up(most, config.batch_size)}
     assert meta["compilations"] == len(shapes)  # exactly one compilation per batch shape
     assert sum(h["compiled"] for h in result.history) == meta["compilations"]
     assert lm.compiled.compilations() == len(shapes)  # and nothing else compiled for this model
@@ -435,8 +466,7 @@ def test_training_rows_and_generation_agree_on_the_layout(lm):
         model = nnx.merge(lm.graphdef, params)
         hidden, _ = model(prompt_embeddings(model, prompt, batch), positions_from_mask(batch["valid"]),
                           batch["valid"])
-        picked = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
-        return jnp.argmax(model.logits(picked), -1)
+        return jnp.argmax(model.logits(hidden[batch["target_row"], batch["target_index"]]), -1)
 
     predicted = np.asarray(greedy(prompt, lm.params, batch))
     mask = batch["target_mask"]

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from spt_jax.errors import ConfigError, DataError
-from spt_jax.sequence import Encoded, Layout, closed_buckets, fit_buckets
+from spt_jax.sequence import Encoded, Layout, closed_buckets, fit_buckets, round_up
 
 def as_pairs(examples) -> list[tuple[str, str]]:
     """(input, target) string pairs from tuples or objects with ``.input`` / ``.target``."""
@@ -88,16 +88,23 @@ class ExampleEncoder:
         return self.layout.training_batch([self(i) for i in indices])
 
     def fit_buckets_to(self, order: DataOrder, steps: int, batch_size: int) -> tuple[int, ...]:
-        """Pad the next ``steps`` batches of ``order`` to buckets fitted to their own longest rows.
+        """Pad the next ``steps`` batches of ``order`` to buckets fitted to their own longest rows,
+        and their target tokens to one head size: the most any of them has, rounded up to a
+        multiple of ``batch_size`` (so a mesh's ``data`` axis divides it).
 
         The order is a pure function of its state, so the plan reads the batches ahead without
         drawing them (and every host plans the same buckets). Returns the buckets now in use.
         """
         ahead = DataOrder(order.n_examples, order.seed, order.next_index)
-        longest = [max(self.layout.row_length(self(i)) for i in ahead.take(batch_size)) for _ in range(steps)]
-        buckets = closed_buckets(fit_buckets(longest), self.layout.max_length) if longest else self.layout.buckets
-        self.layout = dataclasses.replace(self.layout, buckets=buckets)
-        return buckets
+        batches = [[self(i) for i in ahead.take(batch_size)] for _ in range(steps)]
+        if not batches:
+            return self.layout.buckets
+        longest = [max(map(self.layout.row_length, rows)) for rows in batches]
+        most_targets = max(sum(len(r.target_ids) for r in rows) for rows in batches)
+        self.layout = dataclasses.replace(self.layout,
+                                          buckets=closed_buckets(fit_buckets(longest), self.layout.max_length),
+                                          head_rows=round_up(most_targets, batch_size))
+        return self.layout.buckets
 
 
 def shuffle_seed(seed: int) -> int:

@@ -216,7 +216,7 @@ class _Run:
     resumed_from: int | None = None
     last_saved: int | None = None
     saturated_at: int | None = None  # the step the stopping rule's metric saturated at
-    shapes_used: set = dataclasses.field(default_factory=set)  # (length bucket, answer width) this call
+    shapes_used: set = dataclasses.field(default_factory=set)  # (length bucket, head rows) this call
 
 
 def _saturated(evaluations, config: TuneConfig) -> int | None:
@@ -238,8 +238,8 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def _train_one_step(run: _Run, train_step, params, batch: dict, step: int) -> dict:
     """One optimizer step (updates ``run``'s prompt and optimizer state) -> its history record."""
-    T, A = batch["tokens"].shape[1], batch["target_ids"].shape[1]
-    run.shapes_used.add((int(T), int(A)))
+    T, N = batch["tokens"].shape[1], batch["target_ids"].shape[0]
+    run.shapes_used.add((int(T), int(N)))
     compiles_before = train_step.compilations
     t0 = time.perf_counter()
     run.prompt, run.opt_state, metrics = train_step(run.prompt, run.opt_state, params, batch)
@@ -250,7 +250,7 @@ def _train_one_step(run: _Run, train_step, params, batch: dict, step: int) -> di
         "grad_norm": float(metrics["grad_norm"]),
         "n_targets": int(metrics["n_targets"]),
         "seq_len": int(T),
-        "answer_width": int(A),
+        "head_rows": int(N),
         "epoch": run.order.epoch,
         "step_time_s": time.perf_counter() - t0,
         "compiled": train_step.compilations > compiles_before,

@@ -3,8 +3,9 @@
 ``prompt_loss(prompt, params, batch)`` is differentiated with respect to its first argument only;
 the frozen weights enter as an ordinary, never-differentiated argument, so JAX computes no weight
 gradients (the backward pass runs to the inputs only), and they are never copied or donated. The
-vocabulary projection runs only at the slots that predict target tokens: ``[B, A, D] -> [B, A, V]``
-instead of ``[B, T, V]`` (which matters at Gemma 3's V = 262144).
+vocabulary projection runs only at the slots that predict target tokens, packed into ``N`` rows
+(`spt_jax.sequence.Layout.training_batch`): ``[N, D] -> [N, V]`` instead of ``[B, T, V]`` (which
+matters at Gemma 3's V = 262144).
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def prompt_loss(prompt, params, batch, *, graphdef, remat: str = "none"):
     remat = resolve_remat(remat, model.config, *valid.shape, jnp.dtype(model.dtype).itemsize)
     embeds = prompt_embeddings(model, prompt, batch)
     hidden, _ = model(embeds, positions_from_mask(valid), valid, remat=remat)  # [B, T, D]
-    picked = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)  # [B, A, D]
-    logits = model.logits(picked)  # [B, A, V] float32
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])  # [B, A]
+    picked = hidden[batch["target_row"], batch["target_index"]]  # [N, D]
+    logits = model.logits(picked)  # [N, V] float32
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])  # [N]
     mask = batch["target_mask"].astype(jnp.float32)
     count = mask.sum()
     return jnp.sum(losses * mask) / jnp.maximum(count, 1.0), count
