@@ -130,14 +130,13 @@ def full_sft_steps(lm, pairs, steps: int) -> dict:
     from flax import nnx
 
     from spt_jax import tune
-    from spt_jax.sequence import round_up
 
     layout = dataclasses.replace(tune.tuning_layout(lm, tune.TuneConfig()), prompt_length=0)  # no prompt slots
     encoder = tune.ExampleEncoder(lm.tokenizer, pairs, layout)
     longest = max(layout.row_length(encoder(i)) for i in range(len(pairs)))
     n_targets = sum(len(encoder(i).target_ids) for i in range(len(pairs)))
     # padded to the longest row and the head to the batch's targets, as tuning fits them
-    layout = dataclasses.replace(layout, buckets=(longest,), head_rows=round_up(n_targets, len(pairs)))
+    layout = dataclasses.replace(layout, buckets=(longest,), head_rows=-(-n_targets // len(pairs)) * len(pairs))
     batch = tune.ExampleEncoder(lm.tokenizer, pairs, layout).batch(range(len(pairs)))
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_index"}
     graphdef, params = nnx.split(lm.model)  # the model as a pure pytree of its parameters
