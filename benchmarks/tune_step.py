@@ -10,7 +10,9 @@ fits to the run's batches (for one batch: its longest row), projects only the ta
 recomputes activations only when they would pass its memory budget (``remat="auto"``).
 
 Compute bound: the FLOPs one step must do (forward, plus backward to the inputs only: the weights
-are frozen) divided by the float32 rate XLA reaches on this model's own matmul shapes, jitted.
+are frozen; the rows' shared prefix, BOS and the prompt, once, as spt_jax runs it) divided by the
+best float32 rate any library reaches on this model's own matmul shapes: XLA (jitted) and PyTorch
+(its CPU GEMM library), both sampled between the steps; the script says which was faster.
 
 Targets: spt_jax step <= 0.7x PEFT's; <= 1.3x the compute bound. Run: ``python benchmarks/tune_step.py
 [--model gemma3-270m]`` (``--steps N`` timed steps, default 10; ``--threads N`` for PyTorch, default:
@@ -177,44 +179,48 @@ def peft_step(base, rows, specials: Specials, threads: int):
     return one_step, longest
 
 
-def step_flops(config, T: int, n_targets: int) -> float:
-    """Forward + backward-to-inputs FLOPs of one step at B rows of T slots (matmuls and attention)."""
+def step_flops(config, prefix: int, T: int, n_targets: int) -> float:
+    """Forward + backward-to-inputs FLOPs of one step: a ``prefix``-slot prefix once, then B rows of T
+    text slots (matmuls and attention)."""
     D, H, K, d, F, L, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
                            config.d_ff, config.n_layers, config.vocab_size)
-    tokens = B * T
+    tokens = prefix + B * T
     linear = 2 * tokens * L * (D * H * d + 2 * D * K * d + H * d * D + 3 * D * F)
-    attention = 2 * 2 * B * L * H * d * T * T  # scores and weighted values, full (masked) square
+    # scores and weighted values, full (masked) rectangles: the prefix over itself, rows over both
+    attention = 2 * 2 * L * H * d * (prefix * prefix + B * T * (prefix + T))
     head = 2 * n_targets * D * V
     # backward to the inputs: one matmul per linear (dX = dY W^T), two per attention product
     return 2 * linear + 3 * attention + 2 * head
 
 
-def gemm_rate_sampler(config, T: int, n_targets: int):
-    """A function measuring float32 FLOP/s of jitted matmuls with this model's shapes, weighted as a
-    step uses them (each call times every shape once; the matmuls are compiled up front)."""
+def gemm_rate_samplers(config, M: int, n_targets: int):
+    """``{library: sample}``: each ``sample()`` measures the float32 FLOP/s of that library's matmuls
+    with this model's shapes at M rows, weighted as a step uses them (every shape timed once a call;
+    XLA's matmuls compiled up front, PyTorch's run with the benchmark's thread count)."""
     import jax
     import jax.numpy as jnp
+    import torch
 
     D, H, K, d, F, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
                         config.d_ff, config.vocab_size)
-    M = B * T
     shapes = [(M, D, H * d), (M, D, K * d), (M, D, K * d), (M, H * d, D), (M, D, F), (M, D, F),
               (M, F, D), (n_targets, D, V)]
     rng = np.random.default_rng(0)
-    matmul = jax.jit(lambda a, b: a @ b)
-    operands = []
-    for m, k, n in shapes:
-        a = jnp.asarray(rng.standard_normal((m, k), np.float32))
-        b = jnp.asarray(rng.standard_normal((k, n), np.float32))
-        matmul(a, b).block_until_ready()
-        operands.append((a, b))
+    host = [(rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)) for m, k, n in shapes]
     flops = sum(2 * m * k * n for m, k, n in shapes)
+    matmul = jax.jit(lambda a, b: a @ b)
+    xla_operands = [(jnp.asarray(a), jnp.asarray(b)) for a, b in host]
+    torch_operands = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in host]
+    for a, b in xla_operands:
+        matmul(a, b).block_until_ready()
 
-    def sample() -> float:
-        seconds = sum(time_calls(lambda: matmul(a, b).block_until_ready(), 1)[0] for a, b in operands)
-        return flops / seconds
+    def rate(run, operands) -> float:
+        return flops / sum(time_calls(lambda: run(a, b), 1)[0] for a, b in operands)
 
-    return sample
+    return {
+        "XLA": lambda: rate(lambda a, b: matmul(a, b).block_until_ready(), xla_operands),
+        "PyTorch": lambda: rate(torch.matmul, torch_operands),
+    }
 
 
 def main() -> None:
@@ -237,36 +243,44 @@ def main() -> None:
     ours_step()  # compiles
     compile_s = time.perf_counter() - t0
     theirs_step()  # warm-up
-    T, N = batch["tokens"].shape[1], batch["target_ids"].shape[0]
-    sample_rate = gemm_rate_sampler(lm.config, T, N)
-    # Interleaved, so a change in machine load while measuring hits all three alike.
-    ours, theirs, rates = [], [], []
+    prefix, T, N = batch["prefix_tokens"].shape[1], batch["tokens"].shape[1], batch["target_ids"].shape[0]
+    samplers = gemm_rate_samplers(lm.config, prefix + B * T, N)
+    # Interleaved, so a change in machine load while measuring hits all of them alike.
+    ours, theirs, rates = [], [], {library: [] for library in samplers}
     for _ in range(args.steps):
         ours += time_calls(ours_step, 1)
         theirs += time_calls(theirs_step, 1)
-        rates += [max(sample_rate() for _ in range(3))]
+        for library, sample in samplers.items():
+            rates[library].append(max(sample() for _ in range(3)))
     compilations = train_step.compilations
 
     n_targets = int(batch["target_mask"].sum())
-    flops = step_flops(lm.config, T, N)
-    rate = statistics.median(rates)
+    flops = step_flops(lm.config, prefix, T, N)
+    medians = {library: statistics.median(r) for library, r in rates.items()}
+    fastest = max(medians, key=medians.get)  # the best rate any library reaches here
+    rate, rates = medians[fastest], rates[fastest]
     ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
     bound_s, best_bound_s = flops / rate, flops / max(rates)
     print(f"{args.model} ({source}), float32, batch {B}, P={P} + {INPUT_LEN} input tokens, "
           f"answers <= {MAX_ANSWER} "
           f"tokens ({n_targets} target tokens); {os.cpu_count()} cores, torch threads {args.threads}")
     print(f"spt_jax : {ours_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(ours) * 1e3:.1f}), "
-          f"padded length {T} (fitted bucket), head rows {N}, first call {compile_s:.1f} s, "
-          f"compilations {compilations}, remat {resolve_remat(TuneConfig().remat, lm.config, B, T)}")
+          f"padded length {prefix + T} (fitted bucket; the {prefix}-slot prefix run once, then {B} x {T} "
+          f"text slots), head rows {N}, first call {compile_s:.1f} s, compilations {compilations}, "
+          f"remat {resolve_remat(TuneConfig().remat, lm.config, B, prefix + T)}")
     print(f"PEFT    : {theirs_s * 1e3:8.1f} ms/step (median of {args.steps}; min {min(theirs) * 1e3:.1f}), "
           f"length {P + peft_len} (prompt + longest row)")
-    print(f"compute bound: {flops / 1e9:.1f} GFLOP/step at {rate / 1e9:.1f} GFLOP/s median, "
-          f"{max(rates) / 1e9:.1f} best (jitted float32 GEMMs of the model's shapes) = "
-          f"{bound_s * 1e3:.1f} ms median, {best_bound_s * 1e3:.1f} ms best")
+    print("GEMM rate on the model's shapes, float32: " + ", ".join(
+        f"{library} {r / 1e9:.1f} GFLOP/s median" for library, r in medians.items()))
+    print(f"compute bound: {flops / 1e9:.1f} GFLOP/step at {fastest}'s {rate / 1e9:.1f} GFLOP/s median, "
+          f"{max(rates) / 1e9:.1f} best = {bound_s * 1e3:.1f} ms median, {best_bound_s * 1e3:.1f} ms best")
     # Medians and best-of-N both: on a shared machine the best times are the ones least disturbed.
     print(f"ratio spt_jax / PEFT  = {ours_s / theirs_s:.2f} median, {min(ours) / min(theirs):.2f} best  "
           "(target <= 0.70)")
     print(f"ratio spt_jax / bound = {ours_s / bound_s:.2f} median, {min(ours) / best_bound_s:.2f} best  "
+          "(target <= 1.30)")
+    print(f"SUMMARY tune_step {args.model}: spt_jax {ours_s * 1e3:.0f} ms, PEFT {theirs_s * 1e3:.0f} ms, "
+          f"ratio {ours_s / theirs_s:.2f} (target <= 0.70); bound ({fastest}) ratio {ours_s / bound_s:.2f} "
           "(target <= 1.30)")
 
 

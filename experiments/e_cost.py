@@ -12,11 +12,13 @@ wall time per step (median over the steps after the compiling one) and peak memo
 VmHWM, reset after the model loaded: what training added on top of the loaded model, a lower bound).
 
 FLOPs per step, with N = parameters every token passes through (all but the embedding table and an
-untied head), T = padded row length, B = batch, R = head rows (the batch's target tokens, packed), D x V the
-output projection (both methods project only the target tokens):
+untied head), S = the slots a step runs: the rows' shared prefix of H slots (BOS, then the soft
+prompt's P) once and each row's T - H text slots, S = H + B (T - H), with T = padded row length and
+B = batch; R = head rows (the batch's target tokens, packed), D x V the output projection (both
+methods project only the target tokens):
 
-    full SFT:     6 N B T + 6 D V R         (forward 2, backward to activations 2, to weights 2)
-    soft prompt:  (4 + 2 r) N B T + 4 D V R     (no weight gradients; r = 1 under remat "full",
+    full SFT:     6 N S + 6 D V R         (forward 2, backward to activations 2, to weights 2)
+    soft prompt:  (4 + 2 r) N S + 4 D V R     (no weight gradients; r = 1 under remat "full",
                   which recomputes each layer's matmuls in the backward; 0 under "dots", which
                   stores the projections' outputs, and "none")
 
@@ -94,6 +96,7 @@ def soft_prompt_steps(lm, pairs, steps: int, remat: str | None = None) -> dict:
     history = result.history
     B, T = len(pairs), history[-1]["seq_len"]
     return {"trained_params": int(config.prompt_length * lm.config.d_model), "prompt_length": config.prompt_length,
+            "prefix_slots": tune.tuning_layout(lm, config).n_fixed,
             "remat": config.remat, "remat_resolved": tune.step.resolve_remat(config.remat, lm.config, B, T),
             "batch": [B, T, history[-1]["head_rows"]],
             "first_step_s": history[0]["step_time_s"], "compilations": result.metadata["compilations"],
@@ -108,11 +111,9 @@ def sft_loss(params, *, graphdef, batch):
     import optax
     from flax import nnx
 
-    from spt_jax import models
-
     model = nnx.merge(graphdef, params)
-    valid = batch["valid"]
-    hidden, _ = model(model.embed(batch["tokens"]), models.positions_from_mask(valid), valid)  # [B, T, D]
+    prefix = model.embed(batch["prefix_tokens"][0])  # BOS, if any: these rows have no prompt slots
+    hidden = model.prefixed_rows(prefix, model.embed(batch["tokens"]), batch["valid"])  # [B, T, D]
     picked = hidden[batch["target_row"], batch["target_index"]]  # [N, D]
     losses = optax.softmax_cross_entropy_with_integer_labels(model.logits(picked), batch["target_ids"])  # [N]
     mask = batch["target_mask"].astype(jnp.float32)
@@ -138,7 +139,7 @@ def full_sft_steps(lm, pairs, steps: int) -> dict:
     # padded to the longest row and the head to the batch's targets, as tuning fits them
     layout = dataclasses.replace(layout, buckets=(longest,), head_rows=-(-n_targets // len(pairs)) * len(pairs))
     batch = tune.ExampleEncoder(lm.tokenizer, pairs, layout).batch(range(len(pairs)))
-    batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "prompt_index"}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     graphdef, params = nnx.split(lm.model)  # the model as a pure pytree of its parameters
     optimizer = optax.adamw(SFT_LEARNING_RATE)
     opt_state = optimizer.init(params)
@@ -158,8 +159,9 @@ def full_sft_steps(lm, pairs, steps: int) -> dict:
         losses.append(float(loss))  # waits for the step
         times.append(time.perf_counter() - t0)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    B, T = batch["tokens"].shape
-    return {"trained_params": int(n_params), "batch": [int(B), int(T), int(batch["target_ids"].shape[0])],
+    (B, H), T = batch["prefix_tokens"].shape, batch["tokens"].shape[1]
+    return {"trained_params": int(n_params), "prefix_slots": int(H),
+            "batch": [int(B), int(H + T), int(batch["target_ids"].shape[0])],
             "first_step_s": times[0], "compilations": 1, "step_times_s": times[1:], "timed_steps_compiled": 0,
             "losses": losses}
 
@@ -200,14 +202,15 @@ def body_params(w: dict) -> int:
 
 def flops_per_step(w: dict) -> dict:
     B, T, R = w["batch"]
+    S = w["prefix_slots"] + B * (T - w["prefix_slots"])  # the shared prefix once, then each row's text
     N, head = body_params(w), w["d_model"] * w["vocab_size"]
     if w["method"] == "full_sft":
-        factor, head_factor, formula = 6, 6, "6 N B T + 6 D V R"
+        factor, head_factor, formula = 6, 6, "6 N S + 6 D V R"
     else:
         factor, head_factor = 4 + 2 * (w["remat_resolved"] == "full"), 4  # "dots" stores every matmul's output
-        formula = f"{factor} N B T + 4 D V R (remat {w['remat_resolved']})"
-    return {"N": N, "tokens": B * T, "head_rows": R, "formula": formula,
-            "flops": factor * N * B * T + head_factor * head * R}
+        formula = f"{factor} N S + 4 D V R (remat {w['remat_resolved']})"
+    return {"N": N, "tokens": S, "head_rows": R, "formula": formula,
+            "flops": factor * N * S + head_factor * head * R}
 
 
 def run_worker(model: str, method: str, args) -> dict:
@@ -297,8 +300,9 @@ def summary_markdown(data: dict) -> str:
              "length (the soft prompt's rows carry its P = 10 slots), head rows. Peak: VmHWM reset after "
              "the model loaded (what training added, on top of the loaded model's RSS; a lower bound, since "
              "training may first reuse pages the loader freed but the process kept).", "",
-             "FLOPs per step, N = parameters every token passes through (not the embedding table): full SFT "
-             "`6 N B T + 6 D V R`; soft prompt `(4 + 2 r) N B T + 4 D V R` (no weight gradients; r = 1 under "
+             "FLOPs per step, N = parameters every token passes through (not the embedding table), S = H + B (T - H) "
+             "slots a step runs (the rows' shared H-slot prefix, BOS and the prompt, once): full SFT "
+             "`6 N S + 6 D V R`; soft prompt `(4 + 2 r) N S + 4 D V R` (no weight gradients; r = 1 under "
              "remat 'full', which recomputes every layer's matmuls in the backward; 0 under 'dots', which "
              "stores their outputs). Attention's T^2 terms omitted.", "",
              common.md_table(["model", "method", "trained params", "share of model", "B x T x R", "FLOPs / step",

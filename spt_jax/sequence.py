@@ -2,10 +2,11 @@
 
     [BOS]? [soft prompt: P vectors]? [prefix text]? [input text] [target text + EOS]?
 
-BOS appears only when the tokenizer adds one to plain text; the soft prompt sits right after it,
-directly before the text and never before padding; every text is tokenized without special tokens.
-Positions count valid slots only, so padding (left in training rows, between the cached prefix and
-the input in a generation batch) never shifts a position.
+BOS appears only when the tokenizer adds one to plain text; the soft prompt sits right after it and
+directly before the text (by position: padding slots between them hold none); every text is
+tokenized without special tokens.
+Positions count valid slots only, so padding (between the prefix and the text, in training rows and
+generation batches alike) never shifts a position.
 
 This module owns the rules a row is built by: tokenization of the parts (`encode`, `split_pair`),
 BOS/EOS/pad resolution (`Layout`), the length buckets of each purpose and the one rule past the
@@ -291,43 +292,46 @@ class Layout:
         return Encoded(tuple(input_ids), tuple(target_ids), cut)
 
     def training_batch(self, rows: Sequence[Encoded]) -> dict[str, np.ndarray]:
-        """Left-padded arrays for a batch of encoded rows.
+        """Arrays for a batch of encoded rows: the prefix ``[BOS]? [prompt]`` (H = `n_fixed` slots,
+        the same in every row, so tuning runs it once: `DecoderLM.prefixed_rows`), then each row's
+        text, left-padded so that prefix and text together fill the length bucket.
 
-        Returns (B rows, T = length bucket, N = `head_rows`, or B x the answer width when unset or
-        too few for this batch), the target tokens packed row after row into the first N slots:
-          tokens [B, T] int32        text ids; pad id on padding and prompt slots
-          valid [B, T] bool          False on padding
-          prompt_index [B, T] int32  0..P-1 on the prompt slots, -1 elsewhere
-          target_row [N] int32       the row of each target token
-          target_index [N] int32     the slot whose hidden state predicts it
-          target_ids [N] int32       the target tokens (EOS included), 0 past the last
-          target_mask [N] bool       True on real target tokens
+        Returns (B rows, H prefix slots, T = bucket - H text slots, N = `head_rows`, or B x the
+        answer width when unset or too few for this batch), the target tokens packed row after row
+        into the first N slots:
+          prefix_tokens [B, H] int32        BOS, then the pad id on the prompt slots (every row alike)
+          prefix_prompt_index [B, H] int32  0..P-1 on the prompt slots, -1 on BOS
+          tokens [B, T] int32               text ids (input, then target), the pad id on padding
+          valid [B, T] bool                 False on padding
+          target_row [N] int32              the row of each target token
+          target_index [N] int32            the slot of the row ``[prefix | text]`` whose hidden
+                                            state predicts it
+          target_ids [N] int32              the target tokens (EOS included), 0 past the last
+          target_mask [N] bool              True on real target tokens
         """
         lengths = [self.row_length(r) for r in rows]
-        T = bucket_length(max(lengths), self.buckets)
+        H = self.n_fixed
+        T = bucket_length(max(lengths), self.buckets) - H
         B = len(rows)
         n_targets = sum(len(r.target_ids) for r in rows)
         N = self.head_rows
         if N is None or N < n_targets:
             N = B * pow2_width(max(len(r.target_ids) for r in rows), MIN_ANSWER_WIDTH)
-        tokens = np.full((B, T), self.pad_id, np.int32)
-        valid = np.zeros((B, T), bool)
-        prompt_index = np.full((B, T), -1, np.int32)
+        prefix_tokens, prefix_prompt_index = (np.repeat(a, B, axis=0) for a in self.prefix_row((), H))
+        texts = [row.input_ids + row.target_ids for row in rows]
+        tokens, valid = left_pad(texts, T, self.pad_id)
         target_row, target_index, target_ids = (np.zeros(N, np.int32) for _ in range(3))
         target_mask = np.arange(N) < n_targets
         at = 0
-        for b, (row, n) in enumerate(zip(rows, lengths)):
-            start = T - n
-            valid[b, start:] = True
-            self._write_head(tokens[b], prompt_index[b], start)
-            tokens[b, start + self.n_fixed :] = np.asarray(row.input_ids + row.target_ids, np.int32)
+        for b, row in enumerate(rows):
             n_tgt = len(row.target_ids)
             target_row[at : at + n_tgt] = b
-            target_index[at : at + n_tgt] = np.arange(T - n_tgt, T) - 1
+            target_index[at : at + n_tgt] = np.arange(H + T - n_tgt, H + T) - 1
             target_ids[at : at + n_tgt] = row.target_ids
             at += n_tgt
-        return dict(tokens=tokens, valid=valid, prompt_index=prompt_index, target_row=target_row,
-                    target_index=target_index, target_ids=target_ids, target_mask=target_mask)
+        return dict(prefix_tokens=prefix_tokens, prefix_prompt_index=prefix_prompt_index, tokens=tokens,
+                    valid=valid, target_row=target_row, target_index=target_index, target_ids=target_ids,
+                    target_mask=target_mask)
 
     def prefix_row(self, text_ids: Sequence[int], bucket: int) -> tuple[np.ndarray, np.ndarray]:
         """``[BOS]? [prompt] [prefix text]`` right-padded to ``bucket``: ids ``[1, bucket]`` and

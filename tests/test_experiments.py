@@ -243,13 +243,14 @@ def test_e_cost_quick(tmp_path):
         # training adds next to nothing (the soft prompt's packed head at this tiny size)
         assert r["peak_process_mib"] > r["rss_after_load_mib"] - 1 and r["rss_after_load_mib"] > 100
         B, T, R = r["batch"]
-        f = r["flops_per_step"]
-        assert f["tokens"] == B * T and 0 < f["N"] < r["n_params"]
+        f = r["flops_per_step"]  # the rows' shared prefix (BOS if any, then any prompt slots) runs once
+        assert f["tokens"] == r["prefix_slots"] + B * (T - r["prefix_slots"]) and 0 < f["N"] < r["n_params"]
     assert spt["batch"][1] >= sft["batch"][1]  # the soft prompt's rows carry its P slots
+    assert spt["prefix_slots"] == sft["prefix_slots"] + 10
     recompute = 2 if spt["remat_resolved"] == "full" else 0  # remat "full" runs each layer's forward twice
     for r, body, head in ((sft, 6, 6), (spt, 4 + recompute, 4)):  # the documented formulas
-        B, T, R = r["batch"]  # R: the head's rows
-        assert r["flops_per_step"]["flops"] == body * r["flops_per_step"]["N"] * B * T + head * r["d_model"] * r["vocab_size"] * R
+        S, R = r["flops_per_step"]["tokens"], r["batch"][2]  # R: the head's rows
+        assert r["flops_per_step"]["flops"] == body * r["flops_per_step"]["N"] * S + head * r["d_model"] * r["vocab_size"] * R
     assert len(table_rows(summary, "model")) == 2 + 1  # the main table's two rows, then the ratio row
 
 

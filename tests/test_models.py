@@ -130,6 +130,37 @@ def test_kv_cached_decode_matches_full_forward(loaded, variant, decode_layers):
     assert _max_diff_valid(incremental, torch_logits(torch_model, ids, mask), mask) <= ATOL
 
 
+@pytest.mark.parametrize(("remat", "prefix_len"), [("none", 3), ("dots", 3), ("none", 0)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefixed_rows_match_each_row_run_alone(loaded, variant, remat, prefix_len):
+    """Rows that share their first slots (tuning's BOS + soft prompt) run the prefix once, packed in
+    front of the rows' slots: the logits are each full row's, with the padding between prefix and
+    text, by our plain forward, and without it (the rows left-padded) by transformers, whose sliding
+    window counts slots rather than positions. The longest row outruns every sliding window in
+    conftest, so the window is checked across the prefix too."""
+    lm, torch_model = loaded(variant)
+    ids, mask = _left_padded()
+    ids[:, :prefix_len] = ids[0, :prefix_len]
+    text_mask = mask.copy()
+    mask[:, :prefix_len] = True  # rows [prefix | padding | text]
+
+    @jax.jit
+    def prefixed(params, ids, text_valid):
+        model = nnx.merge(lm.graphdef, params)
+        prefix = model.embed(ids[0, :prefix_len])
+        hidden = model.prefixed_rows(prefix, model.embed(ids[:, prefix_len:]), text_valid, remat=remat)
+        return model.logits(hidden)
+
+    ours = np.asarray(prefixed(lm.params, jnp.asarray(ids), jnp.asarray(text_mask[:, prefix_len:])))
+    assert ours.shape == (3, SEQ, VOCAB)
+    assert _max_diff_valid(ours, lm.logits(ids, mask), mask) <= ATOL
+    compact = np.sort(mask, axis=1)  # each row's real slots, in order, left-padded
+    compact_ids = np.zeros_like(ids)
+    compact_ids[compact] = ids[mask]
+    ref = torch_logits(torch_model, compact_ids, compact)
+    assert float(np.abs(ours[mask] - ref[compact]).max()) <= ATOL
+
+
 def _with_config(lm, **changes):
     """The same weights under a changed architecture (shapes unchanged)."""
     config = lm.config.replace(**changes)

@@ -59,26 +59,26 @@ def test_collate_follows_the_token_layout(lm):
     pairs = [("12+3=", " 15"), ("1+1=", " 2")]
     encoder = ExampleEncoder(tok, pairs, layout)
     batch = layout.training_batch([encoder(0), encoder(1)])
-    T = batch["tokens"].shape[1]
-    assert T == 32 and batch["target_ids"].shape == (16,)  # no head rows planned: 2 rows x 8 slots
+    H, T = batch["prefix_tokens"].shape[1], batch["tokens"].shape[1]
+    assert H + T == 32 and H == 1 + P and batch["target_ids"].shape == (16,)  # no head rows planned: 2 x 8
+    for key in ("prefix_tokens", "prefix_prompt_index"):  # the prefix: BOS, then the prompt, in every row
+        assert (batch[key] == batch[key][:1]).all()
+    assert batch["prefix_tokens"][0, 0] == tok.bos_token_id
+    np.testing.assert_array_equal(batch["prefix_prompt_index"][0], [-1, *range(P)])
     at = 0
     for b, (inp, tgt) in enumerate(pairs):
         text = encode(tok, inp) + encode(tok, tgt) + [tok.eos_token_id]
-        n = 1 + P + len(text)
-        start = T - n
+        start = T - len(text)
         assert not batch["valid"][b, :start].any() and batch["valid"][b, start:].all()  # left padding
-        assert batch["tokens"][b, start] == tok.bos_token_id  # BOS first ...
-        np.testing.assert_array_equal(batch["prompt_index"][b, start + 1 : start + 1 + P], np.arange(P))
-        assert (batch["prompt_index"][b, : start + 1] == -1).all()  # ... then the prompt, then text
-        assert (batch["prompt_index"][b, start + 1 + P :] == -1).all()
-        np.testing.assert_array_equal(batch["tokens"][b, start + 1 + P :], text)
+        np.testing.assert_array_equal(batch["tokens"][b, start:], text)  # then the text
         n_tgt = len(encode(tok, tgt)) + 1  # packed row after row
         mine = slice(at, at + n_tgt)
         assert batch["target_mask"][mine].all() and (batch["target_row"][mine] == b).all()
         targets = batch["target_ids"][mine]
         np.testing.assert_array_equal(targets, text[-n_tgt:])
-        # each target token is predicted by the slot right before it
-        np.testing.assert_array_equal(batch["tokens"][b, batch["target_index"][mine] + 1], targets)
+        # each target token is predicted by the slot right before it, in the row [prefix | text]
+        row = np.concatenate([batch["prefix_tokens"][b], batch["tokens"][b]])
+        np.testing.assert_array_equal(row[batch["target_index"][mine] + 1], targets)
         at += n_tgt
     assert not batch["target_mask"][at:].any() and not batch["target_ids"][at:].any()
 
@@ -112,8 +112,7 @@ def test_collate_without_bos_puts_the_prompt_first():
     layout = tuning_layout(lm, CONFIG)
     assert layout.bos == ()
     batch = layout.training_batch([ExampleEncoder(lm.tokenizer, [("ab", "c")], layout)(0)])
-    start = int(np.argmax(batch["valid"][0]))
-    np.testing.assert_array_equal(batch["prompt_index"][0, start : start + P], np.arange(P))
+    np.testing.assert_array_equal(batch["prefix_prompt_index"][0], np.arange(P))
 
 
 def test_over_long_input_loses_its_left_end_with_one_warning(lm):
@@ -134,7 +133,7 @@ def test_over_long_input_loses_its_left_end_with_one_warning(lm):
     assert first.target_ids == (*encode(lm.tokenizer, " 7"), lm.tokenizer.eos_token_id)
     assert layout.row_length(first) == 32
     batch = layout.training_batch([first, encoder(2)])
-    assert batch["tokens"].shape == (2, 32)
+    assert batch["tokens"].shape == (2, 32 - 1 - P)  # the row's text slots, after BOS and the prompt
 
     with pytest.raises(DataError, match="example 0: the target alone takes"):
         ExampleEncoder(lm.tokenizer, [("a", "y" * 40)], layout)(0)
@@ -444,8 +443,7 @@ def test_training_rows_and_generation_agree_on_the_layout(lm):
     from flax import nnx
 
     from spt_jax.generate import GenerationConfig, generate
-    from spt_jax.models.transformer import positions_from_mask
-    from spt_jax.tune.step import prompt_embeddings
+    from spt_jax.tune.step import prefix_embeddings
 
     prompt = tune.init_prompt(lm, "random", length=P, seed=5)
     inputs = ["12+3=", "7+1=", "40+2=", "9+9+9="]
@@ -464,8 +462,8 @@ def test_training_rows_and_generation_agree_on_the_layout(lm):
     @jax.jit
     def greedy(prompt, params, batch):
         model = nnx.merge(lm.graphdef, params)
-        hidden, _ = model(prompt_embeddings(model, prompt, batch), positions_from_mask(batch["valid"]),
-                          batch["valid"])
+        hidden = model.prefixed_rows(prefix_embeddings(model, prompt, batch), model.embed(batch["tokens"]),
+                                     batch["valid"])
         return jnp.argmax(model.logits(hidden[batch["target_row"], batch["target_index"]]), -1)
 
     predicted = np.asarray(greedy(prompt, lm.params, batch))

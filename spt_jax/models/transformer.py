@@ -73,6 +73,24 @@ class KVCache:
         return self.replace(k=split(self.k), v=split(self.v))
 
 
+@flax.struct.dataclass
+class PrefixedRows:
+    """B rows that all begin with the same H-slot prefix, packed as one sequence of ``H + B*T`` slots:
+    ``[prefix, row 0's T slots, ..., row B-1's]`` (`DecoderLM.prefixed_rows`).
+
+    The prefix's slots sit at positions ``0..H-1``; each row's slots continue at ``positions``.
+    """
+
+    positions: jax.Array  # [B, T] int32, positions of the rows' slots
+    kv_pos: jax.Array  # [B, T] int32, those positions where a slot is valid, -1 on padding
+    prefix_length: int = flax.struct.field(pytree_node=False)
+
+    def flat_positions(self) -> jax.Array:
+        """``[1, H + B*T]``: the packed sequence's positions (for its rotary tables)."""
+        head = jnp.arange(self.prefix_length, dtype=jnp.int32)
+        return jnp.concatenate([head, self.positions.reshape(-1)])[None]
+
+
 # Each weight kernel's number of input axes: its layout is ``[*in, *out]`` (``o_proj``: [H, d, D]).
 _KERNEL_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 
@@ -175,6 +193,23 @@ def _attend(q, k, v, mask, c: ModelConfig, dtype):
     return out.reshape(B, K, G, T, d).transpose(0, 3, 1, 2, 4).reshape(B, T, H, d)
 
 
+def _attend_prefixed(q, k, v, rows: PrefixedRows, window, c: ModelConfig, dtype):
+    """`_attend` over `PrefixedRows`' packed sequence (q ``[1, H + B*T, heads, d]``, k and v alike):
+    the prefix attends to itself, each row to the prefix and to its own slots, never to another
+    row's (no ``[N, N]`` score matrix over the whole packed sequence)."""
+    Hp = rows.prefix_length
+    B, T = rows.positions.shape
+    split = lambda x: (x[:, :Hp], x[0, Hp:].reshape(B, T, *x.shape[2:]))  # noqa: E731
+    (q_pre, q_rows), (k_pre, k_rows), (v_pre, v_rows) = split(q), split(k), split(v)
+    pre_pos = jnp.arange(Hp, dtype=jnp.int32)[None]  # [1, H]
+    out_pre = _attend(q_pre, k_pre, v_pre, attention_mask(pre_pos, pre_pos, window), c, dtype)
+    with_prefix = lambda pre, own: jnp.concatenate([jnp.broadcast_to(pre, (B, *pre.shape[1:])), own], 1)  # noqa: E731
+    kv_pos = with_prefix(pre_pos, rows.kv_pos)  # [B, H + T]
+    mask = attention_mask(rows.positions, kv_pos, window)
+    out_rows = _attend(q_rows, with_prefix(k_pre, k_rows), with_prefix(v_pre, v_rows), mask, c, dtype)
+    return jnp.concatenate([out_pre, out_rows.reshape(1, B * T, *out_rows.shape[2:])], 1)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c, self.config, self.dtype = config, config, dtype
@@ -199,8 +234,10 @@ class Attention(nnx.Module):
             y = jnp.einsum(spec, x, kernel)
         return y + bias[...].astype(self.dtype) if bias is not None else y
 
-    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False):
-        """x [B, T, D] -> ([B, T, D], (k, v) of this layer's cache or None)."""
+    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False, rows=None):
+        """x [B, T, D] -> ([B, T, D], (k, v) of this layer's cache or None).
+
+        ``rows`` (`PrefixedRows`): x is their packed sequence ``[1, H + B*T, D]``, with no cache."""
         c = self.config
         q = self._project(x, self.q_proj, self.q_bias, "BTD,DHd->BTHd", out_major)
         k = self._project(x, self.k_proj, self.k_bias, "BTD,DKd->BTKd", out_major)
@@ -218,7 +255,10 @@ class Attention(nnx.Module):
             k_all, v_all = k_all.astype(self.dtype), v_all.astype(self.dtype)
         else:
             k_all, v_all = k, v
-        out = _attend(q, k_all, v_all, attention_mask(positions, kv_pos, window), c, self.dtype)
+        if rows is not None:
+            out = _attend_prefixed(q, k_all, v_all, rows, window, c, self.dtype)
+        else:
+            out = _attend(q, k_all, v_all, attention_mask(positions, kv_pos, window), c, self.dtype)
         return self._project(out, self.o_proj, self.o_bias, "BTHd,HdD->BTD", out_major), layer_cache
 
 
@@ -260,9 +300,9 @@ class Block(nnx.Module):
         self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_post_norm = Norm(D, c, param_dtype) if c.sandwich_norm else None
 
-    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False):
+    def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False, rows=None):
         h, layer_cache = self.attn(
-            self.attn_norm(x), rope, positions, window, kv_pos, layer_cache, cache_index, out_major
+            self.attn_norm(x), rope, positions, window, kv_pos, layer_cache, cache_index, out_major, rows
         )
         x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
         h = self.mlp(self.mlp_norm(x), out_major)
@@ -320,11 +360,7 @@ class DecoderLM(nnx.Module):
         """
         if out_major and layer_weights is None:
             raise ValueError("out_major needs layer_weights from unstack_layers(..., out_major=True)")
-        c = self.config
         positions = positions.astype(jnp.int32)
-        x = embeds.astype(self.dtype)
-        if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         new_pos = jnp.where(valid, positions, -1)
         if cache is not None:
             if (layer_weights is not None) != isinstance(cache.k, tuple):
@@ -333,6 +369,43 @@ class DecoderLM(nnx.Module):
             layer_caches, cache_index = (cache.k, cache.v), cache.index
         else:
             kv_pos, layer_caches, cache_index = new_pos, None, None
+        x, new_caches = self._layers(embeds, positions, kv_pos, layer_caches, cache_index, remat=remat,
+                                     layer_weights=layer_weights, out_major=out_major)
+        if cache is not None:
+            cache = KVCache(
+                k=new_caches[0], v=new_caches[1], pos=kv_pos, index=cache.index + embeds.shape[1]
+            )
+        return x, cache
+
+    def prefixed_rows(self, prefix: jax.Array, embeds: jax.Array, valid: jax.Array, *,
+                      remat: str = "none") -> jax.Array:
+        """Final-normed hidden states ``[B, H + T, D]`` of B rows that all begin with the same H slots.
+
+        ``prefix [H, D]`` (BOS and a soft prompt) sits at positions ``0..H-1``; each row's slots
+        ``embeds [B, T, D]`` follow, counting only ``valid [B, T]`` ones, so left padding is harmless.
+        The same numbers as ``self`` on the rows ``[prefix | embeds]``, but the prefix runs once:
+        its slots and the rows' are packed into one sequence of ``H + B*T`` (`PrefixedRows`), so
+        each projection and MLP is one GEMM over them and attention shows each row the prefix's
+        keys and its own. A tuning batch with a 10-vector prompt after BOS thus runs 11 + B*T slots
+        instead of B*(11 + T).
+        """
+        Hp, (B, T) = prefix.shape[0], valid.shape
+        if Hp == 0:  # nothing shared
+            return self(embeds, positions_from_mask(valid), valid, remat=remat)[0]
+        positions = positions_from_mask(valid, Hp)
+        rows = PrefixedRows(positions=positions, kv_pos=jnp.where(valid, positions, -1), prefix_length=Hp)
+        packed = jnp.concatenate([prefix.astype(embeds.dtype), embeds.reshape(B * T, -1)])[None]
+        x, _ = self._layers(packed, rows.flat_positions(), None, None, None, remat=remat, rows=rows)
+        x = x[0]
+        return jnp.concatenate([jnp.broadcast_to(x[:Hp], (B, *x[:Hp].shape)), x[Hp:].reshape(B, T, -1)], 1)
+
+    def _layers(self, embeds, positions, kv_pos, layer_caches, cache_index, *, remat, layer_weights=None,
+                out_major=False, rows=None):
+        """The decoder layers and the final norm over ``embeds [B, T, D]`` -> (hidden, new layer caches)."""
+        c = self.config
+        x = embeds.astype(self.dtype)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
 
         global_rope = local_rope = None
         if c.position == "rope":
@@ -345,7 +418,7 @@ class DecoderLM(nnx.Module):
 
         def layer(x, state, window, rope, layer_cache):
             block = nnx.merge(graphdef, state)
-            return block(x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major)
+            return block(x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major, rows)
 
         # Remat wraps the whole per-layer function, the rope selection included, so the backward
         # pass recomputes the selected tables instead of keeping L copies of them.
@@ -373,12 +446,7 @@ class DecoderLM(nnx.Module):
                 x, layer_cache = layer(x, state, jnp.int32(windows[i]), rope, layer_cache)
                 outs.append(layer_cache)
             new_caches = None if layer_caches is None else tuple(map(tuple, zip(*outs)))
-        x = self.final_norm(x)
-        if cache is not None:
-            cache = KVCache(
-                k=new_caches[0], v=new_caches[1], pos=kv_pos, index=cache.index + embeds.shape[1]
-            )
-        return x, cache
+        return self.final_norm(x), new_caches
 
     def logits(self, hidden: jax.Array, *, out_major: bool = False) -> jax.Array:
         """Hidden states ``[..., D]`` -> float32 logits ``[..., V]`` (final soft-cap included).

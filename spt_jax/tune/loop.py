@@ -238,7 +238,7 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def _train_one_step(run: _Run, train_step, params, batch: dict, step: int) -> dict:
     """One optimizer step (updates ``run``'s prompt and optimizer state) -> its history record."""
-    T, N = batch["tokens"].shape[1], batch["target_ids"].shape[0]
+    T, N = batch["prefix_tokens"].shape[1] + batch["tokens"].shape[1], batch["target_ids"].shape[0]
     run.shapes_used.add((int(T), int(N)))
     compiles_before = train_step.compilations
     t0 = time.perf_counter()

@@ -21,7 +21,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from spt_jax.models.compiled import CompileCache
-from spt_jax.models.transformer import positions_from_mask
 from spt_jax.sequence import place_prompt
 from spt_jax.tune.config import TuneConfig
 from spt_jax.tune.mesh import as_mesh, batch_sharding, mesh_context, param_shardings, replicated
@@ -52,9 +51,11 @@ def make_optimizer(config: TuneConfig) -> optax.GradientTransformation:
     return optax.chain(*clip, optimizer)
 
 
-def prompt_embeddings(model, prompt: jax.Array, batch: dict) -> jax.Array:
-    """Token embeddings with the prompt's vectors written into its slots: ``[B, T, D]``."""
-    return place_prompt(model.embed(batch["tokens"]), prompt, batch["prompt_index"])
+def prefix_embeddings(model, prompt: jax.Array, batch: dict) -> jax.Array:
+    """The rows' shared prefix, BOS and the prompt's vectors in its slots: ``[H, D]`` (from row 0;
+    every row holds the same)."""
+    ids, prompt_index = batch["prefix_tokens"][:1], batch["prefix_prompt_index"][:1]
+    return place_prompt(model.embed(ids), prompt, prompt_index)[0]
 
 
 # Activations a step may keep for the backward pass before "auto" recomputes more of them.
@@ -112,9 +113,11 @@ def prompt_loss(prompt, params, batch, *, graphdef, remat: str = "none"):
     """
     model = nnx.merge(graphdef, params)
     valid = batch["valid"]
-    remat = resolve_remat(remat, model.config, *valid.shape, jnp.dtype(model.dtype).itemsize)
-    embeds = prompt_embeddings(model, prompt, batch)
-    hidden, _ = model(embeds, positions_from_mask(valid), valid, remat=remat)  # [B, T, D]
+    B, T = valid.shape
+    remat = resolve_remat(remat, model.config, B, batch["prefix_tokens"].shape[1] + T,
+                          jnp.dtype(model.dtype).itemsize)
+    prefix = prefix_embeddings(model, prompt, batch)  # [H, D]
+    hidden = model.prefixed_rows(prefix, model.embed(batch["tokens"]), valid, remat=remat)  # [B, H + T, D]
     picked = hidden[batch["target_row"], batch["target_index"]]  # [N, D]
     logits = model.logits(picked)  # [N, V] float32
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])  # [N]
