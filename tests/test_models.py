@@ -153,6 +153,19 @@ def test_prefixed_rows_match_each_row_run_alone(loaded, variant, remat, prefix_l
 
     ours = np.asarray(prefixed(lm.params, jnp.asarray(ids), jnp.asarray(text_mask[:, prefix_len:])))
     assert ours.shape == (3, SEQ, VOCAB)
+    # read out at a few slots only (the tuning loss's targets): the last layer runs there alone
+    row = np.array([0, 2, 1, 2 if prefix_len else 0, 0])  # (2, prefix_len - 1): a prefix slot
+    slot = np.array([SEQ - 1, 7, SEQ - 2, max(prefix_len - 1, 0), 4])
+
+    @jax.jit
+    def read_out(params, ids, text_valid):
+        model = nnx.merge(lm.graphdef, params)
+        prefix = model.embed(ids[0, :prefix_len])
+        at = (jnp.asarray(row), jnp.asarray(slot))
+        return model.logits(model.prefixed_rows(prefix, model.embed(ids[:, prefix_len:]), text_valid, remat=remat, at=at))
+
+    picked = np.asarray(read_out(lm.params, jnp.asarray(ids), jnp.asarray(text_mask[:, prefix_len:])))
+    assert mask[row, slot].all() and float(np.abs(picked - ours[row, slot]).max()) <= ATOL
     assert _max_diff_valid(ours, lm.logits(ids, mask), mask) <= ATOL
     compact = np.sort(mask, axis=1)  # each row's real slots, in order, left-padded
     compact_ids = np.zeros_like(ids)

@@ -30,7 +30,13 @@ _MASKED = -1e30  # finite, so a fully masked (padding) query row softmaxes to un
 # What a rematerialized layer keeps for the backward pass (the rest it recomputes): "full" keeps only
 # its input; "dots" also keeps every weight projection's output (q/k/v/o, gate/up/down) and
 # recomputes norms, rotary embeddings, attention and activations, which are cheap next to the GEMMs.
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# "none" keeps everything but the slices of the stacked weights (the scan's dynamic slices and their
+# squeezes), which the backward pass takes again rather than store a second set of weights.
+REMAT_POLICIES = {
+    "none": lambda prim, *_, **__: prim not in (jax.lax.dynamic_slice_p, jax.lax.squeeze_p),
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -84,11 +90,23 @@ class PrefixedRows:
     positions: jax.Array  # [B, T] int32, positions of the rows' slots
     kv_pos: jax.Array  # [B, T] int32, those positions where a slot is valid, -1 on padding
     prefix_length: int = flax.struct.field(pytree_node=False)
+    # The slots the last layer computes (`DecoderLM.prefixed_rows`' ``at``), or None for all:
+    read_row: jax.Array | None = None  # [N] int32, the row of each
+    read_slot: jax.Array | None = None  # [N] int32, its index in the packed sequence
 
     def flat_positions(self) -> jax.Array:
         """``[1, H + B*T]``: the packed sequence's positions (for its rotary tables)."""
         head = jnp.arange(self.prefix_length, dtype=jnp.int32)
         return jnp.concatenate([head, self.positions.reshape(-1)])[None]
+
+    def split(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """A packed ``[1, H + B*T, ...]`` array as the prefix's ``[1, H, ...]`` and the rows' ``[B, T, ...]``."""
+        B, T = self.positions.shape
+        return x[:, : self.prefix_length], x[0, self.prefix_length :].reshape(B, T, *x.shape[2:])
+
+    def with_prefix(self, prefix: jax.Array, rows: jax.Array) -> jax.Array:
+        """Each row's ``[T, ...]`` after the prefix's ``[H, ...]``: ``[B, H + T, ...]`` (what a row's slots see)."""
+        return jnp.concatenate([jnp.broadcast_to(prefix, (rows.shape[0], *prefix.shape[1:])), rows], 1)
 
 
 # Each weight kernel's number of input axes: its layout is ``[*in, *out]`` (``o_proj``: [H, d, D]).
@@ -194,20 +212,23 @@ def _attend(q, k, v, mask, c: ModelConfig, dtype):
 
 
 def _attend_prefixed(q, k, v, rows: PrefixedRows, window, c: ModelConfig, dtype):
-    """`_attend` over `PrefixedRows`' packed sequence (q ``[1, H + B*T, heads, d]``, k and v alike):
-    the prefix attends to itself, each row to the prefix and to its own slots, never to another
-    row's (no ``[N, N]`` score matrix over the whole packed sequence)."""
-    Hp = rows.prefix_length
-    B, T = rows.positions.shape
-    split = lambda x: (x[:, :Hp], x[0, Hp:].reshape(B, T, *x.shape[2:]))  # noqa: E731
-    (q_pre, q_rows), (k_pre, k_rows), (v_pre, v_rows) = split(q), split(k), split(v)
-    pre_pos = jnp.arange(Hp, dtype=jnp.int32)[None]  # [1, H]
+    """`_attend` over `PrefixedRows`' packed sequence (k, v ``[1, H + B*T, K, d]``): the prefix
+    attends to itself, each row to the prefix and to its own slots, never to another row's (no
+    score matrix over the whole packed sequence). q is the packed sequence's ``[1, H + B*T, heads,
+    d]``, or only the read-out slots' ``[1, N, heads, d]`` when ``rows`` names them."""
+    (k_pre, k_rows), (v_pre, v_rows) = rows.split(k), rows.split(v)
+    pre_pos = jnp.arange(rows.prefix_length, dtype=jnp.int32)[None]  # [1, H]
+    keys, values = rows.with_prefix(k_pre, k_rows), rows.with_prefix(v_pre, v_rows)  # [B, H + T, K, d]
+    kv_pos = rows.with_prefix(pre_pos, rows.kv_pos)  # [B, H + T]
+    if rows.read_slot is not None:  # each read-out query sees its own row (a prefix slot: the prefix)
+        q_pos = rows.flat_positions()[0, rows.read_slot][:, None]  # [N, 1]
+        mask = attention_mask(q_pos, kv_pos[rows.read_row], window)
+        out = _attend(q[0][:, None], keys[rows.read_row], values[rows.read_row], mask, c, dtype)  # [N, 1, heads, d]
+        return out[:, 0][None]
+    q_pre, q_rows = rows.split(q)
     out_pre = _attend(q_pre, k_pre, v_pre, attention_mask(pre_pos, pre_pos, window), c, dtype)
-    with_prefix = lambda pre, own: jnp.concatenate([jnp.broadcast_to(pre, (B, *pre.shape[1:])), own], 1)  # noqa: E731
-    kv_pos = with_prefix(pre_pos, rows.kv_pos)  # [B, H + T]
-    mask = attention_mask(rows.positions, kv_pos, window)
-    out_rows = _attend(q_rows, with_prefix(k_pre, k_rows), with_prefix(v_pre, v_rows), mask, c, dtype)
-    return jnp.concatenate([out_pre, out_rows.reshape(1, B * T, *out_rows.shape[2:])], 1)
+    out_rows = _attend(q_rows, keys, values, attention_mask(rows.positions, kv_pos, window), c, dtype)
+    return jnp.concatenate([out_pre, out_rows.reshape(1, -1, *out_rows.shape[2:])], 1)
 
 
 class Attention(nnx.Module):
@@ -237,15 +258,19 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False, rows=None):
         """x [B, T, D] -> ([B, T, D], (k, v) of this layer's cache or None).
 
-        ``rows`` (`PrefixedRows`): x is their packed sequence ``[1, H + B*T, D]``, with no cache."""
+        ``rows`` (`PrefixedRows`): x is their packed sequence ``[1, H + B*T, D]``, with no cache; the
+        output is ``[1, N, D]`` at the rows' read-out slots if they name any."""
         c = self.config
-        q = self._project(x, self.q_proj, self.q_bias, "BTD,DHd->BTHd", out_major)
+        reading = rows is not None and rows.read_slot is not None  # queries only where the layer is read
+        q_in = x[:, rows.read_slot] if reading else x
+        q = self._project(q_in, self.q_proj, self.q_bias, "BTD,DHd->BTHd", out_major)
         k = self._project(x, self.k_proj, self.k_bias, "BTD,DKd->BTKd", out_major)
         v = self._project(x, self.v_proj, self.v_bias, "BTD,DKd->BTKd", out_major)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q_rope = tuple(t[:, rows.read_slot] for t in rope) if reading else rope
+            q, k = apply_rope(q, *q_rope), apply_rope(k, *rope)
         if layer_cache is not None:  # write the new keys/values, then attend over every slot
             k_all, v_all = (
                 jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, cache_index, 0, 0))
@@ -304,6 +329,8 @@ class Block(nnx.Module):
         h, layer_cache = self.attn(
             self.attn_norm(x), rope, positions, window, kv_pos, layer_cache, cache_index, out_major, rows
         )
+        if rows is not None and rows.read_slot is not None:  # from here on, only the read-out slots
+            x = x[:, rows.read_slot]
         x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
         h = self.mlp(self.mlp_norm(x), out_major)
         return x + (self.mlp_post_norm(h) if self.mlp_post_norm is not None else h), layer_cache
@@ -377,8 +404,8 @@ class DecoderLM(nnx.Module):
             )
         return x, cache
 
-    def prefixed_rows(self, prefix: jax.Array, embeds: jax.Array, valid: jax.Array, *,
-                      remat: str = "none") -> jax.Array:
+    def prefixed_rows(self, prefix: jax.Array, embeds: jax.Array, valid: jax.Array, *, remat: str = "none",
+                      at: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         """Final-normed hidden states ``[B, H + T, D]`` of B rows that all begin with the same H slots.
 
         ``prefix [H, D]`` (BOS and a soft prompt) sits at positions ``0..H-1``; each row's slots
@@ -388,16 +415,26 @@ class DecoderLM(nnx.Module):
         each projection and MLP is one GEMM over them and attention shows each row the prefix's
         keys and its own. A tuning batch with a 10-vector prompt after BOS thus runs 11 + B*T slots
         instead of B*(11 + T).
+
+        ``at = (row [N], slot [N])``: only the hidden states at those slots of the rows
+        ``[prefix | embeds]``, ``[N, D]`` (the tuning loss reads N target slots); the last layer
+        then computes its queries, output projection and MLP there alone.
         """
         Hp, (B, T) = prefix.shape[0], valid.shape
         if Hp == 0:  # nothing shared
-            return self(embeds, positions_from_mask(valid), valid, remat=remat)[0]
+            hidden, _ = self(embeds, positions_from_mask(valid), valid, remat=remat)
+            return hidden if at is None else hidden[at]
         positions = positions_from_mask(valid, Hp)
         rows = PrefixedRows(positions=positions, kv_pos=jnp.where(valid, positions, -1), prefix_length=Hp)
+        if at is not None:
+            row, slot = at
+            rows = rows.replace(read_row=row, read_slot=jnp.where(slot < Hp, slot, slot + row * T))
         packed = jnp.concatenate([prefix.astype(embeds.dtype), embeds.reshape(B * T, -1)])[None]
         x, _ = self._layers(packed, rows.flat_positions(), None, None, None, remat=remat, rows=rows)
-        x = x[0]
-        return jnp.concatenate([jnp.broadcast_to(x[:Hp], (B, *x[:Hp].shape)), x[Hp:].reshape(B, T, -1)], 1)
+        if at is not None:
+            return x[0]
+        prefix_hidden, row_hidden = rows.split(x)
+        return rows.with_prefix(prefix_hidden, row_hidden)
 
     def _layers(self, embeds, positions, kv_pos, layer_caches, cache_index, *, remat, layer_weights=None,
                 out_major=False, rows=None):
@@ -416,25 +453,36 @@ class DecoderLM(nnx.Module):
 
         graphdef, layer_states = nnx.split(self.layers)
 
-        def layer(x, state, window, rope, layer_cache):
+        # With read-out slots, every layer but the last runs on all of them (`PrefixedRows.read_slot`).
+        reading = rows is not None and rows.read_slot is not None
+        all_rows = rows.replace(read_row=None, read_slot=None) if reading else rows
+
+        def layer(x, state, window, rope, layer_cache, rows=all_rows):
             block = nnx.merge(graphdef, state)
             return block(x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major, rows)
 
         # Remat wraps the whole per-layer function, the rope selection included, so the backward
         # pass recomputes the selected tables instead of keeping L copies of them.
-        rematted = (lambda f: f) if remat == "none" else (  # "full" or "dots" (`REMAT_POLICIES`)
-            lambda f: jax.checkpoint(f, prevent_cse=False, policy=REMAT_POLICIES[remat]))
+        rematted = lambda f: jax.checkpoint(f, prevent_cse=False, policy=REMAT_POLICIES[remat])  # noqa: E731
         if layer_weights is None:  # one compiled layer, scanned over the stacked weights
+            of_layer = lambda i: jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False),  # noqa: E731
+                                              layer_states)
+            scanned_layers = c.n_layers - reading
 
             @rematted
             def scanned(x, xs):
-                state, window, local, layer_cache = xs
+                i, window, local, layer_cache = xs
                 rope = None if global_rope is None else jax.tree.map(
                     lambda g, l: jnp.where(local, l, g), global_rope, local_rope)  # fmt: skip
-                return layer(x, state, window, rope, layer_cache)
+                return layer(x, of_layer(i), window, rope, layer_cache)
 
-            xs = (layer_states, jnp.asarray(windows), jnp.asarray(is_local), layer_caches)
+            xs = (jnp.arange(scanned_layers), jnp.asarray(windows[:scanned_layers]),
+                  jnp.asarray(is_local[:scanned_layers]), layer_caches)
             x, new_caches = jax.lax.scan(scanned, x, xs)
+            if reading:  # the last layer: queries, output projection and MLP at the read-out slots only
+                last = c.n_layers - 1
+                rope = local_rope if is_local[last] else global_rope
+                x, _ = layer(x, of_layer(last), jnp.int32(windows[last]), rope, None, rows)
         else:  # layer by layer on separate buffers: nothing is copied out of a stack
             if len(layer_weights) != c.n_layers:
                 raise ValueError(f"layer_weights holds {len(layer_weights)} layers, the model {c.n_layers}")

@@ -63,15 +63,17 @@ REMAT_BUDGET_BYTES = 3 * 2**29  # 1.5 GiB
 
 
 def activation_bytes(config, batch: int, length: int, remat: str = "none", itemsize: int = 4) -> int:
-    """What one step stores for its backward pass: ``B * T * L`` token-layers times what a layer
+    """What one step stores for its backward pass: ``B * T * (L - 1)`` token-layers times what a layer
     keeps per token under ``remat`` ("none": residual and norm inputs, q/k/v before and after rotary
     embedding, attention scores and probabilities, the MLP's hidden activations; "dots": the
     weight projections' outputs; "full": the layer input), plus the attention working set of the
-    one layer whose backward runs.
+    one layer whose backward runs. The last layer runs at the target slots alone
+    (`DecoderLM.prefixed_rows`' ``at``), a few next to ``B * T``.
 
     Checked against XLA's memory analysis of the compiled step (tests/test_tune.py). At 8 x 83 slots
-    it is 1.21x / 0.93x XLA's temp bytes for "none" / "dots" on SmolLM2-135M, 0.88x / 0.66x on
-    Gemma-3-270M (whose vocabulary head adds ~150 MiB that does not grow with the length).
+    it is 1.36x / 1.02x XLA's temp bytes for "none" / "dots" on SmolLM2-135M, 0.94x / 0.71x on
+    Gemma-3-270M (whose vocabulary head adds ~150 MiB that does not grow with the length); it
+    counts every row's prefix slots, which the step runs once.
     """
     c = config
     qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
@@ -88,7 +90,7 @@ def activation_bytes(config, batch: int, length: int, remat: str = "none", items
             + 4 * c.d_ff
         )
     working = 2 * batch * c.n_heads * length * length  # one layer's scores and probabilities in the backward
-    return (batch * length * c.n_layers * per_token + working) * itemsize
+    return (batch * length * (c.n_layers - 1) * per_token + working) * itemsize
 
 
 def resolve_remat(remat: str, config, batch: int, length: int, itemsize: int = 4) -> str:
@@ -117,8 +119,8 @@ def prompt_loss(prompt, params, batch, *, graphdef, remat: str = "none"):
     remat = resolve_remat(remat, model.config, B, batch["prefix_tokens"].shape[1] + T,
                           jnp.dtype(model.dtype).itemsize)
     prefix = prefix_embeddings(model, prompt, batch)  # [H, D]
-    hidden = model.prefixed_rows(prefix, model.embed(batch["tokens"]), valid, remat=remat)  # [B, H + T, D]
-    picked = hidden[batch["target_row"], batch["target_index"]]  # [N, D]
+    at = (batch["target_row"], batch["target_index"])  # the slots that predict the targets
+    picked = model.prefixed_rows(prefix, model.embed(batch["tokens"]), valid, remat=remat, at=at)  # [N, D]
     logits = model.logits(picked)  # [N, V] float32
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])  # [N]
     mask = batch["target_mask"].astype(jnp.float32)
