@@ -22,7 +22,8 @@ methods project only the target tokens):
                   which recomputes each layer's matmuls in the backward; 0 under "dots", which
                   stores the projections' outputs, and "none")
 
-Attention's T^2 terms are left out (under 2% of 2N per token at these lengths).
+Attention's T^2 terms are left out (under 2% of 2N per token at these lengths), and so is the soft
+prompt's last layer running its queries and MLP at the target slots alone (about 1/L of N S).
 
     python experiments/e_cost.py            # both embedded models, 3 methods, 5 timed steps each
     python experiments/e_cost.py --quick    # CI-sized: SmolLM2, soft prompt and full SFT, 2 steps
@@ -296,7 +297,7 @@ def summary_markdown(data: dict) -> str:
                                  data["wall_time_s"]),
              f"One fixed batch of {s['batch_size']} `{s['task']}` train examples; {s['steps']} timed steps after "
              "the compiling one, each method in a fresh process; float32 on CPU. soft prompt: the library's "
-             "defaults (remat 'auto', resolved per batch shape); remat full: every layer recomputed. B x T x A: batch, padded row "
+             "defaults (remat 'auto', resolved per batch shape); remat full: every layer recomputed. B x T x R: batch, padded row "
              "length (the soft prompt's rows carry its P = 10 slots), head rows. Peak: VmHWM reset after "
              "the model loaded (what training added, on top of the loaded model's RSS; a lower bound, since "
              "training may first reuse pages the loader freed but the process kept).", "",
