@@ -144,15 +144,17 @@ def test_prefixed_rows_match_each_row_run_alone(loaded, variant, remat, prefix_l
     text_mask = mask.copy()
     mask[:, :prefix_len] = True  # rows [prefix | padding | text]
 
-    @jax.jit
-    def prefixed(params, ids, text_valid):
+    @functools.partial(jax.jit, static_argnames="pack")
+    def prefixed(params, ids, text_valid, pack=True):
         model = nnx.merge(lm.graphdef, params)
         prefix = model.embed(ids[0, :prefix_len])
-        hidden = model.prefixed_rows(prefix, model.embed(ids[:, prefix_len:]), text_valid, remat=remat)
+        hidden = model.prefixed_rows(prefix, model.embed(ids[:, prefix_len:]), text_valid, remat=remat, pack=pack)
         return model.logits(hidden)
 
     ours = np.asarray(prefixed(lm.params, jnp.asarray(ids), jnp.asarray(text_mask[:, prefix_len:])))
     assert ours.shape == (3, SEQ, VOCAB)
+    whole_rows = prefixed(lm.params, jnp.asarray(ids), jnp.asarray(text_mask[:, prefix_len:]), pack=False)
+    assert _max_diff_valid(ours, whole_rows, mask) <= ATOL  # a data-sharded mesh's form (`tune.step.packs_prefix`)
     # read out at a few slots only (the tuning loss's targets): the last layer runs there alone
     row = np.array([0, 2, 1, 2 if prefix_len else 0, 0])  # (2, prefix_len - 1): a prefix slot
     slot = np.array([SEQ - 1, 7, SEQ - 2, max(prefix_len - 1, 0), 4])

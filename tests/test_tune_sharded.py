@@ -79,6 +79,8 @@ def worker_mesh8(model_dir: str, out: str) -> None:
 
     step = tune.make_train_step(lm, config, mesh)
     assert step.compilations == 1  # one batch shape, one compilation
+    # rows split over the data axis run whole; one device packs their shared prefix in front of them
+    assert not tune.step.packs_prefix(mesh) and tune.step.packs_prefix(one) and tune.step.packs_prefix(None)
     assert sharded.metadata["compilations"] == len(sharded.metadata["batch_shapes_used"]) == 1
     assert single.metadata["compilations"] == tune.make_train_step(local, config, one).compilations == 1
     try:

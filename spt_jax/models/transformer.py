@@ -405,7 +405,7 @@ class DecoderLM(nnx.Module):
         return x, cache
 
     def prefixed_rows(self, prefix: jax.Array, embeds: jax.Array, valid: jax.Array, *, remat: str = "none",
-                      at: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                      at: tuple[jax.Array, jax.Array] | None = None, pack: bool = True) -> jax.Array:
         """Final-normed hidden states ``[B, H + T, D]`` of B rows that all begin with the same H slots.
 
         ``prefix [H, D]`` (BOS and a soft prompt) sits at positions ``0..H-1``; each row's slots
@@ -419,10 +419,16 @@ class DecoderLM(nnx.Module):
         ``at = (row [N], slot [N])``: only the hidden states at those slots of the rows
         ``[prefix | embeds]``, ``[N, D]`` (the tuning loss reads N target slots); the last layer
         then computes its queries, output projection and MLP there alone.
+
+        ``pack=False`` runs each row whole instead, the prefix in every row: where a mesh's data axis
+        splits the rows, each device then keeps its own rows, where the packed sequence would be
+        resharded into rows around every layer's attention (collectives for every layer).
         """
         Hp, (B, T) = prefix.shape[0], valid.shape
-        if Hp == 0:  # nothing shared
-            hidden, _ = self(embeds, positions_from_mask(valid), valid, remat=remat)
+        if Hp == 0 or not pack:  # each row whole
+            rows = jnp.concatenate([jnp.broadcast_to(prefix.astype(embeds.dtype), (B, Hp, prefix.shape[-1])), embeds], 1)
+            valid = jnp.concatenate([jnp.ones((B, Hp), bool), valid], 1)
+            hidden, _ = self(rows, positions_from_mask(valid), valid, remat=remat)
             return hidden if at is None else hidden[at]
         positions = positions_from_mask(valid, Hp)
         rows = PrefixedRows(positions=positions, kv_pos=jnp.where(valid, positions, -1), prefix_length=Hp)
