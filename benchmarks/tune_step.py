@@ -182,15 +182,15 @@ def peft_step(base, rows, specials: Specials, threads: int):
 
 def step_flops(config, prefix: int, T: int, n_targets: int) -> tuple[float, float]:
     """Forward + backward-to-inputs FLOPs of one step, (layers, vocabulary head): a ``prefix``-slot
-    prefix once, then B rows of T text slots (matmuls and attention); the last layer's queries, output
+    prefix once, then B rows of T text slots (matmuls and attention); the last layer's output
     projection and MLP at the ``n_targets`` head rows only, as the loss reads them."""
     D, H, K, d, F, L, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
                            config.d_ff, config.n_layers, config.vocab_size)
     tokens = prefix + B * T
-    kv, rest = 2 * D * K * d, D * H * d + H * d * D + 3 * D * F  # per slot: k and v; q, o and the MLP
-    linear = 2 * (L * tokens * kv + ((L - 1) * tokens + n_targets) * rest)
+    qkv, rest = D * H * d + 2 * D * K * d, H * d * D + 3 * D * F  # per slot: q, k, v; o and the MLP
+    linear = 2 * (L * tokens * qkv + ((L - 1) * tokens + n_targets) * rest)
     # scores and weighted values, full (masked) rectangles: the prefix over itself, rows over both
-    attention = 2 * 2 * H * d * ((L - 1) * (prefix * prefix + B * T * (prefix + T)) + n_targets * (prefix + T))
+    attention = 2 * 2 * L * H * d * (prefix * prefix + B * T * (prefix + T))
     head = 2 * n_targets * D * V
     # backward to the inputs: one matmul per linear (dX = dY W^T), two per attention product
     return 2 * linear + 3 * attention, 2 * head

@@ -23,7 +23,7 @@ methods project only the target tokens):
                   stores the projections' outputs, and "none")
 
 Attention's T^2 terms are left out (under 2% of 2N per token at these lengths), and so is the soft
-prompt's last layer running its queries and MLP at the target slots alone (about 1/L of N S).
+prompt's last layer running its output projection and MLP at the target slots alone (most of 1/L of N S).
 
     python experiments/e_cost.py            # both embedded models, 3 methods, 5 timed steps each
     python experiments/e_cost.py --quick    # CI-sized: SmolLM2, soft prompt and full SFT, 2 steps

@@ -30,10 +30,11 @@ _MASKED = -1e30  # finite, so a fully masked (padding) query row softmaxes to un
 # What a rematerialized layer keeps for the backward pass (the rest it recomputes): "full" keeps only
 # its input; "dots" also keeps every weight projection's output (q/k/v/o, gate/up/down) and
 # recomputes norms, rotary embeddings, attention and activations, which are cheap next to the GEMMs.
-# "none" keeps everything but the slices of the stacked weights (the scan's dynamic slices and their
-# squeezes), which the backward pass takes again rather than store a second set of weights.
+# "none" keeps everything but the slices of the stacked weights (the scan's dynamic slices, their
+# squeezes and dtype casts), which the backward pass takes again rather than store a second set.
+_WEIGHT_SLICING = (jax.lax.dynamic_slice_p, jax.lax.squeeze_p, jax.lax.convert_element_type_p)
 REMAT_POLICIES = {
-    "none": lambda prim, *_, **__: prim not in (jax.lax.dynamic_slice_p, jax.lax.squeeze_p),
+    "none": lambda prim, *_, **__: prim not in _WEIGHT_SLICING,
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -90,9 +91,9 @@ class PrefixedRows:
     positions: jax.Array  # [B, T] int32, positions of the rows' slots
     kv_pos: jax.Array  # [B, T] int32, those positions where a slot is valid, -1 on padding
     prefix_length: int = flax.struct.field(pytree_node=False)
-    # The slots the last layer computes (`DecoderLM.prefixed_rows`' ``at``), or None for all:
-    read_row: jax.Array | None = None  # [N] int32, the row of each
-    read_slot: jax.Array | None = None  # [N] int32, its index in the packed sequence
+    # The slots the last layer's output projection and MLP compute (`DecoderLM.prefixed_rows`'
+    # ``at``): [N] int32 indices in the packed sequence, or None for all.
+    read_slot: jax.Array | None = None
 
     def flat_positions(self) -> jax.Array:
         """``[1, H + B*T]``: the packed sequence's positions (for its rotary tables)."""
@@ -212,19 +213,13 @@ def _attend(q, k, v, mask, c: ModelConfig, dtype):
 
 
 def _attend_prefixed(q, k, v, rows: PrefixedRows, window, c: ModelConfig, dtype):
-    """`_attend` over `PrefixedRows`' packed sequence (k, v ``[1, H + B*T, K, d]``): the prefix
-    attends to itself, each row to the prefix and to its own slots, never to another row's (no
-    score matrix over the whole packed sequence). q is the packed sequence's ``[1, H + B*T, heads,
-    d]``, or only the read-out slots' ``[1, N, heads, d]`` when ``rows`` names them."""
+    """`_attend` over `PrefixedRows`' packed sequence (q, k, v ``[1, H + B*T, heads, d]``): the
+    prefix attends to itself, each row to the prefix and to its own slots, never to another row's
+    (no score matrix over the whole packed sequence)."""
     (k_pre, k_rows), (v_pre, v_rows) = rows.split(k), rows.split(v)
     pre_pos = jnp.arange(rows.prefix_length, dtype=jnp.int32)[None]  # [1, H]
     keys, values = rows.with_prefix(k_pre, k_rows), rows.with_prefix(v_pre, v_rows)  # [B, H + T, K, d]
     kv_pos = rows.with_prefix(pre_pos, rows.kv_pos)  # [B, H + T]
-    if rows.read_slot is not None:  # each read-out query sees its own row (a prefix slot: the prefix)
-        q_pos = rows.flat_positions()[0, rows.read_slot][:, None]  # [N, 1]
-        mask = attention_mask(q_pos, kv_pos[rows.read_row], window)
-        out = _attend(q[0][:, None], keys[rows.read_row], values[rows.read_row], mask, c, dtype)  # [N, 1, heads, d]
-        return out[:, 0][None]
     q_pre, q_rows = rows.split(q)
     out_pre = _attend(q_pre, k_pre, v_pre, attention_mask(pre_pos, pre_pos, window), c, dtype)
     out_rows = _attend(q_rows, keys, values, attention_mask(rows.positions, kv_pos, window), c, dtype)
@@ -261,16 +256,13 @@ class Attention(nnx.Module):
         ``rows`` (`PrefixedRows`): x is their packed sequence ``[1, H + B*T, D]``, with no cache; the
         output is ``[1, N, D]`` at the rows' read-out slots if they name any."""
         c = self.config
-        reading = rows is not None and rows.read_slot is not None  # queries only where the layer is read
-        q_in = x[:, rows.read_slot] if reading else x
-        q = self._project(q_in, self.q_proj, self.q_bias, "BTD,DHd->BTHd", out_major)
+        q = self._project(x, self.q_proj, self.q_bias, "BTD,DHd->BTHd", out_major)
         k = self._project(x, self.k_proj, self.k_bias, "BTD,DKd->BTKd", out_major)
         v = self._project(x, self.v_proj, self.v_bias, "BTD,DKd->BTKd", out_major)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q_rope = tuple(t[:, rows.read_slot] for t in rope) if reading else rope
-            q, k = apply_rope(q, *q_rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layer_cache is not None:  # write the new keys/values, then attend over every slot
             k_all, v_all = (
                 jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, cache_index, 0, 0))
@@ -282,6 +274,8 @@ class Attention(nnx.Module):
             k_all, v_all = k, v
         if rows is not None:
             out = _attend_prefixed(q, k_all, v_all, rows, window, c, self.dtype)
+            if rows.read_slot is not None:  # the rest of the layer at the read-out slots alone
+                out = out[:, rows.read_slot]
         else:
             out = _attend(q, k_all, v_all, attention_mask(positions, kv_pos, window), c, self.dtype)
         return self._project(out, self.o_proj, self.o_bias, "BTHd,HdD->BTD", out_major), layer_cache
@@ -418,7 +412,7 @@ class DecoderLM(nnx.Module):
 
         ``at = (row [N], slot [N])``: only the hidden states at those slots of the rows
         ``[prefix | embeds]``, ``[N, D]`` (the tuning loss reads N target slots); the last layer
-        then computes its queries, output projection and MLP there alone.
+        then runs its attention as every layer does and its output projection and MLP there alone.
 
         ``pack=False`` runs each row whole instead, the prefix in every row: where a mesh's data axis
         splits the rows, each device then keeps its own rows, where the packed sequence would be
@@ -434,7 +428,7 @@ class DecoderLM(nnx.Module):
         rows = PrefixedRows(positions=positions, kv_pos=jnp.where(valid, positions, -1), prefix_length=Hp)
         if at is not None:
             row, slot = at
-            rows = rows.replace(read_row=row, read_slot=jnp.where(slot < Hp, slot, slot + row * T))
+            rows = rows.replace(read_slot=jnp.where(slot < Hp, slot, slot + row * T))
         packed = jnp.concatenate([prefix.astype(embeds.dtype), embeds.reshape(B * T, -1)])[None]
         x, _ = self._layers(packed, rows.flat_positions(), None, None, None, remat=remat, rows=rows)
         if at is not None:
@@ -461,14 +455,14 @@ class DecoderLM(nnx.Module):
 
         # With read-out slots, every layer but the last runs on all of them (`PrefixedRows.read_slot`).
         reading = rows is not None and rows.read_slot is not None
-        all_rows = rows.replace(read_row=None, read_slot=None) if reading else rows
+        all_rows = rows.replace(read_slot=None) if reading else rows
 
         def layer(x, state, window, rope, layer_cache, rows=all_rows):
             block = nnx.merge(graphdef, state)
             return block(x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major, rows)
 
-        # Remat wraps the whole per-layer function, the rope selection included, so the backward
-        # pass recomputes the selected tables instead of keeping L copies of them.
+        # Remat wraps the whole per-layer function, the rope selection included, so under "dots" and
+        # "full" the backward pass recomputes the selected tables instead of keeping L copies of them.
         rematted = lambda f: jax.checkpoint(f, prevent_cse=False, policy=REMAT_POLICIES[remat])  # noqa: E731
         if layer_weights is None:  # one compiled layer, scanned over the stacked weights
             of_layer = lambda i: jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False),  # noqa: E731
@@ -485,10 +479,10 @@ class DecoderLM(nnx.Module):
             xs = (jnp.arange(scanned_layers), jnp.asarray(windows[:scanned_layers]),
                   jnp.asarray(is_local[:scanned_layers]), layer_caches)
             x, new_caches = jax.lax.scan(scanned, x, xs)
-            if reading:  # the last layer: queries, output projection and MLP at the read-out slots only
+            if reading:  # the last layer: output projection and MLP at the read-out slots only
                 last = c.n_layers - 1
                 rope = local_rope if is_local[last] else global_rope
-                x, _ = layer(x, of_layer(last), jnp.int32(windows[last]), rope, None, rows)
+                x, _ = rematted(layer)(x, of_layer(last), jnp.int32(windows[last]), rope, None, rows)
         else:  # layer by layer on separate buffers: nothing is copied out of a stack
             if len(layer_weights) != c.n_layers:
                 raise ValueError(f"layer_weights holds {len(layer_weights)} layers, the model {c.n_layers}")

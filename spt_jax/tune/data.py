@@ -2,7 +2,9 @@
 
 Rows follow `spt_jax.sequence`'s layout (P is the soft prompt, filled in by the train step):
 
-    [pad ...] [BOS]? [P x prompt slot] [input tokens] [target tokens] [EOS]
+    [BOS]? [P x prompt slot] [pad ...] [input tokens] [target tokens] [EOS]
+
+(BOS and the prompt are every row's shared prefix, which the train step runs once.)
 
 `spt_jax.sequence.Layout` owns the row rules (tokenization of the parts, buckets, widths, left
 truncation); this module adds what only tuning needs: pairs from examples, lazy encoding with a

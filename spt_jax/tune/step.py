@@ -67,8 +67,9 @@ def activation_bytes(config, batch: int, length: int, remat: str = "none", items
     keeps per token under ``remat`` ("none": residual and norm inputs, q/k/v before and after rotary
     embedding, attention scores and probabilities, the MLP's hidden activations; "dots": the
     weight projections' outputs; "full": the layer input), plus the attention working set of the
-    one layer whose backward runs. The last layer runs at the target slots alone
-    (`DecoderLM.prefixed_rows`' ``at``), a few next to ``B * T``.
+    one layer whose backward runs. The last layer is left out: with the prefix packed it runs at
+    the target slots alone (`DecoderLM.prefixed_rows`' ``at``); with whole rows (a data-split mesh)
+    it is one layer of L.
 
     Checked against XLA's memory analysis of the compiled step (tests/test_tune.py). At 8 x 83 slots
     it is 1.36x / 1.02x XLA's temp bytes for "none" / "dots" on SmolLM2-135M, 0.94x / 0.71x on
