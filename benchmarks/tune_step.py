@@ -213,7 +213,7 @@ def gemm_rate_samplers(config, M: int, n_targets: int):
     groups = [[operand(*shape) for shape in layer_shapes], [operand(n_targets, D, V)]]
     matmul = jax.jit(lambda a, b: a @ b)
     runs = {
-        "XLA": (lambda a, b: matmul(a, b).block_until_ready(), lambda a: jnp.asarray(a)),
+        "XLA": (lambda a, b: matmul(a, b).block_until_ready(), jnp.asarray),
         "PyTorch": (torch.matmul, torch.from_numpy),
     }
 

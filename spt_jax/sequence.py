@@ -333,6 +333,11 @@ class Layout:
                     valid=valid, target_row=target_row, target_index=target_index, target_ids=target_ids,
                     target_mask=target_mask)
 
+    @staticmethod
+    def row_length_of(batch: dict) -> int:
+        """The padded row length of a `training_batch`: its prefix slots and its text slots."""
+        return int(batch["prefix_tokens"].shape[1] + batch["tokens"].shape[1])
+
     def prefix_row(self, text_ids: Sequence[int], bucket: int) -> tuple[np.ndarray, np.ndarray]:
         """``[BOS]? [prompt] [prefix text]`` right-padded to ``bucket``: ids ``[1, bucket]`` and
         prompt_index ``[1, bucket]`` (the shared prefix that generation and scoring cache)."""

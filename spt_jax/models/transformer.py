@@ -105,9 +105,10 @@ class PrefixedRows:
         B, T = self.positions.shape
         return x[:, : self.prefix_length], x[0, self.prefix_length :].reshape(B, T, *x.shape[2:])
 
-    def with_prefix(self, prefix: jax.Array, rows: jax.Array) -> jax.Array:
-        """Each row's ``[T, ...]`` after the prefix's ``[H, ...]``: ``[B, H + T, ...]`` (what a row's slots see)."""
-        return jnp.concatenate([jnp.broadcast_to(prefix, (rows.shape[0], *prefix.shape[1:])), rows], 1)
+
+def _behind_prefix(prefix: jax.Array, rows: jax.Array) -> jax.Array:
+    """Each row of ``rows [B, T, ...]`` after the prefix ``[1, H, ...]``: ``[B, H + T, ...]`` (a whole row)."""
+    return jnp.concatenate([jnp.broadcast_to(prefix, (rows.shape[0], *prefix.shape[1:])), rows], 1)
 
 
 # Each weight kernel's number of input axes: its layout is ``[*in, *out]`` (``o_proj``: [H, d, D]).
@@ -218,8 +219,8 @@ def _attend_prefixed(q, k, v, rows: PrefixedRows, window, c: ModelConfig, dtype)
     (no score matrix over the whole packed sequence)."""
     (k_pre, k_rows), (v_pre, v_rows) = rows.split(k), rows.split(v)
     pre_pos = jnp.arange(rows.prefix_length, dtype=jnp.int32)[None]  # [1, H]
-    keys, values = rows.with_prefix(k_pre, k_rows), rows.with_prefix(v_pre, v_rows)  # [B, H + T, K, d]
-    kv_pos = rows.with_prefix(pre_pos, rows.kv_pos)  # [B, H + T]
+    keys, values = _behind_prefix(k_pre, k_rows), _behind_prefix(v_pre, v_rows)  # [B, H + T, K, d]
+    kv_pos = _behind_prefix(pre_pos, rows.kv_pos)  # [B, H + T]
     q_pre, q_rows = rows.split(q)
     out_pre = _attend(q_pre, k_pre, v_pre, attention_mask(pre_pos, pre_pos, window), c, dtype)
     out_rows = _attend(q_rows, keys, values, attention_mask(rows.positions, kv_pos, window), c, dtype)
@@ -420,8 +421,8 @@ class DecoderLM(nnx.Module):
         """
         Hp, (B, T) = prefix.shape[0], valid.shape
         if Hp == 0 or not pack:  # each row whole
-            rows = jnp.concatenate([jnp.broadcast_to(prefix.astype(embeds.dtype), (B, Hp, prefix.shape[-1])), embeds], 1)
-            valid = jnp.concatenate([jnp.ones((B, Hp), bool), valid], 1)
+            rows = _behind_prefix(prefix[None].astype(embeds.dtype), embeds)
+            valid = _behind_prefix(jnp.ones((1, Hp), bool), valid)
             hidden, _ = self(rows, positions_from_mask(valid), valid, remat=remat)
             return hidden if at is None else hidden[at]
         positions = positions_from_mask(valid, Hp)
@@ -434,7 +435,7 @@ class DecoderLM(nnx.Module):
         if at is not None:
             return x[0]
         prefix_hidden, row_hidden = rows.split(x)
-        return rows.with_prefix(prefix_hidden, row_hidden)
+        return _behind_prefix(prefix_hidden, row_hidden)
 
     def _layers(self, embeds, positions, kv_pos, layer_caches, cache_index, *, remat, layer_weights=None,
                 out_major=False, rows=None):

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from spt_jax.errors import ConfigError, SptError
+from spt_jax.sequence import Layout
 from spt_jax.system import check_interrupted
 from spt_jax.tune.checkpoint import TuneCheckpoints
 from spt_jax.tune.config import RESUMABLE_CHANGES, TuneConfig
@@ -238,7 +239,7 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def _train_one_step(run: _Run, train_step, params, batch: dict, step: int) -> dict:
     """One optimizer step (updates ``run``'s prompt and optimizer state) -> its history record."""
-    T, N = batch["prefix_tokens"].shape[1] + batch["tokens"].shape[1], batch["target_ids"].shape[0]
+    T, N = Layout.row_length_of(batch), batch["target_ids"].shape[0]
     run.shapes_used.add((int(T), int(N)))
     compiles_before = train_step.compilations
     t0 = time.perf_counter()

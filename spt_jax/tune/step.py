@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from spt_jax.models.compiled import CompileCache
-from spt_jax.sequence import place_prompt
+from spt_jax.sequence import Layout, place_prompt
 from spt_jax.tune.config import TuneConfig
 from spt_jax.tune.mesh import DATA, as_mesh, batch_sharding, mesh_context, param_shardings, replicated
 
@@ -118,9 +118,8 @@ def prompt_loss(prompt, params, batch, *, graphdef, remat: str = "none", pack: b
     """
     model = nnx.merge(graphdef, params)
     valid = batch["valid"]
-    B, T = valid.shape
-    remat = resolve_remat(remat, model.config, B, batch["prefix_tokens"].shape[1] + T,
-                          jnp.dtype(model.dtype).itemsize)
+    B = valid.shape[0]
+    remat = resolve_remat(remat, model.config, B, Layout.row_length_of(batch), jnp.dtype(model.dtype).itemsize)
     prefix = prefix_embeddings(model, prompt, batch)  # [H, D]
     at = (batch["target_row"], batch["target_index"])  # the slots that predict the targets
     picked = model.prefixed_rows(prefix, model.embed(batch["tokens"]), valid, remat=remat, at=at, pack=pack)  # [N, D]
