@@ -20,7 +20,7 @@ from machine import machine
 
 HERE = Path(__file__).parent
 SCRIPTS = (("forward_throughput",), ("generate_throughput",), ("tune_step",), ("tune_step", "--model", "gemma3-270m"),
-           ("fewshot_prefix_cache",), ("load_memory",), ("tune_memory",))
+           ("profile_step",), ("fewshot_prefix_cache",), ("load_memory",), ("tune_memory",))
 
 
 def run(name: str, *args: str) -> dict:
