@@ -21,7 +21,8 @@ targets are read against (BUILD_NOTES.md, issue 11).
 
 from __future__ import annotations
 
-from machine import machine_line  # benchmarks/ is sys.path[0] when a script runs
+import tune_step  # benchmarks/ is sys.path[0] when a script runs
+from machine import machine_line
 
 import argparse
 import collections
@@ -33,7 +34,6 @@ import math
 import re
 import statistics
 import tempfile
-from pathlib import Path
 
 KINDS = ("matmuls", "attention matmuls", "weight slices", "scan residual stacks", "other", "gaps")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
@@ -155,13 +155,12 @@ def profile(lm, steps: int) -> dict:
     """Run the benchmark's step, trace ``steps`` of it, and sum the fair shares by kind (ms a step)."""
     import jax
 
-    import tune_step
     from spt_jax.tune.mesh import mesh_context
 
     specials = tune_step.Specials.of(lm)
     batch, one_step, train_step = tune_step.spt_jax_step(lm, tune_step.make_rows(specials), specials)
     one_step()  # compiles
-    with mesh_context(train_step.mesh):
+    with mesh_context(train_step.mesh):  # the step's executable again, from jax's in-memory cache (no recompile)
         prompt = jax.numpy.zeros((tune_step.P, lm.config.d_model), lm.dtype)
         compiled = train_step.jitted.lower(prompt, train_step.init(prompt), lm.params, batch).compile()
     module = parse_hlo(compiled.as_text())
@@ -190,8 +189,6 @@ def profile(lm, steps: int) -> dict:
 
 
 def main() -> None:
-    import tune_step
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=tune_step.MODELS, default=tune_step.DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=3)

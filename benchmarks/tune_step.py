@@ -235,11 +235,11 @@ def gemm_rate_samplers(config, M: int, n_targets: int):
                 form(*ops)  # compiles XLA's; warms both
         flops = [sum(2 * x.shape[0] * x.shape[1] * w.shape[1] for x, w, _ in group) for group in placed]
 
-        def fastest(ops) -> float:
+        def faster_form_seconds(ops) -> float:
             return min(min(time_calls(lambda: form(*ops), 3)) for form in forms)
 
         def sample() -> tuple[float, float]:
-            return tuple(f / sum(fastest(ops) for ops in group) for f, group in zip(flops, placed))
+            return tuple(f / sum(faster_form_seconds(ops) for ops in group) for f, group in zip(flops, placed))
 
         return sample
 
