@@ -343,14 +343,11 @@ class Layout:
         prompt_index ``[1, bucket]`` (the shared prefix that generation and scoring cache)."""
         ids = np.full((1, bucket), self.pad_id, np.int32)
         prompt_index = np.full((1, bucket), -1, np.int32)
-        self._write_head(ids[0], prompt_index[0], 0)
+        nb = len(self.bos)
+        ids[0, :nb] = self.bos
+        prompt_index[0, nb : nb + self.prompt_length] = np.arange(self.prompt_length)
         ids[0, self.n_fixed : self.n_fixed + len(text_ids)] = text_ids
         return ids, prompt_index
-
-    def _write_head(self, tokens_row: np.ndarray, prompt_row: np.ndarray, start: int) -> None:
-        nb = len(self.bos)
-        tokens_row[start : start + nb] = self.bos
-        prompt_row[start + nb : start + nb + self.prompt_length] = np.arange(self.prompt_length)
 
 
 # --------------------------------------------------------------------------------------------------
