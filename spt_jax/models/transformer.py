@@ -158,14 +158,16 @@ class Norm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if self.kind == "layer" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        # Over rows [N, D]: XLA:CPU's YNNPACK runs the backward pass's row sums over the packed tuning
+        # sequence's [1, N, D] about 3x slower than over [N, D] (BUILD_NOTES.md, issue 11).
+        x32 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         if self.kind == "layer":
             x32 = x32 - x32.mean(-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
         y = y * (self.offset + self.scale[...].astype(jnp.float32))
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+        return y.astype(x.dtype).reshape(x.shape)
 
 
 def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array):
@@ -176,10 +178,18 @@ def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array):
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [B, T, N, d]`` (Hugging Face's rotate-half layout)."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+    """Rotate ``x [B, T, N, d]`` (Hugging Face's rotate-half layout: element i pairs with i + d/2).
+
+    On x viewed as halves ``[..., 2, d/2]``: ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``.
+    The same numbers as splitting the last axis and concatenating the halves back, which XLA:CPU
+    left as a copy of its own in the tuning step; forward and backward on Gemma-3-270M's q this form
+    takes 0.27 ms, that one 0.87-1.1 ms (BUILD_NOTES.md, issue 11).
+    """
+    halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+    swapped = jnp.concatenate([halves[..., 1:, :], halves[..., :1, :]], -2)  # (x2, x1)
+    sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]
+    cos, sin = cos[:, :, None, None], sin[:, :, None, None]
+    return (halves * cos + swapped * (sin * sign)).reshape(x.shape).astype(x.dtype)
 
 
 def attention_mask(q_pos: jax.Array, kv_pos: jax.Array, window: jax.Array) -> jax.Array:
@@ -243,12 +253,20 @@ class Attention(nnx.Module):
         self.q_norm = Norm(d, c, param_dtype) if c.qk_norm else None
         self.k_norm = Norm(d, c, param_dtype) if c.qk_norm else None
 
-    def _project(self, x, kernel, bias, spec, out_major):
+    def _project(self, x, kernel, bias, out_major):
+        """``x [B, T, *in]`` times ``kernel [*in, *out]`` (x's axes after B, T are its input axes).
+
+        As one 2-D matmul over flattened head axes: differentiating a dot that contracts two axes
+        (``BTHd,HdD->BTD``) made XLA:CPU copy each layer's kernel transposed in the backward pass
+        (27.6 ms a step for Gemma-3-270M's q_proj), where a 2-D ``x @ W`` needs no copy.
+        """
         kernel = kernel[...].astype(self.dtype)
-        if out_major:  # the kernel is [*out, *in]; x's axes after B, T are its input axes
-            y = _out_major_matmul(x, kernel, n_in=x.ndim - 2)
+        n_in = x.ndim - 2
+        if out_major:  # the kernel is [*out, *in]
+            y = _out_major_matmul(x, kernel, n_in=n_in)
         else:
-            y = jnp.einsum(spec, x, kernel)
+            lead, n_inputs = x.shape[:2], math.prod(kernel.shape[:n_in])
+            y = (x.reshape(*lead, n_inputs) @ kernel.reshape(n_inputs, -1)).reshape(*lead, *kernel.shape[n_in:])
         return y + bias[...].astype(self.dtype) if bias is not None else y
 
     def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False, rows=None):
@@ -257,9 +275,9 @@ class Attention(nnx.Module):
         ``rows`` (`PrefixedRows`): x is their packed sequence ``[1, H + B*T, D]``, with no cache; the
         output is ``[1, N, D]`` at the rows' read-out slots if they name any."""
         c = self.config
-        q = self._project(x, self.q_proj, self.q_bias, "BTD,DHd->BTHd", out_major)
-        k = self._project(x, self.k_proj, self.k_bias, "BTD,DKd->BTKd", out_major)
-        v = self._project(x, self.v_proj, self.v_bias, "BTD,DKd->BTKd", out_major)
+        q = self._project(x, self.q_proj, self.q_bias, out_major)
+        k = self._project(x, self.k_proj, self.k_bias, out_major)
+        v = self._project(x, self.v_proj, self.v_bias, out_major)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -279,7 +297,7 @@ class Attention(nnx.Module):
                 out = out[:, rows.read_slot]
         else:
             out = _attend(q, k_all, v_all, attention_mask(positions, kv_pos, window), c, self.dtype)
-        return self._project(out, self.o_proj, self.o_bias, "BTHd,HdD->BTD", out_major), layer_cache
+        return self._project(out, self.o_proj, self.o_bias, out_major), layer_cache
 
 
 class MLP(nnx.Module):
