@@ -131,6 +131,17 @@ def unstack_layers(params: nnx.State, *, out_major: bool = False) -> tuple[nnx.S
     return tuple(jax.tree_util.tree_map_with_path(functools.partial(layer_leaf, i), layers) for i in range(n_layers))
 
 
+def _matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """``x [..., *in]`` times a kernel stored ``[*in, *out]``, as one 2-D ``x @ W`` over flattened axes.
+
+    A dot contracting two axes (q/k/v/o's heads: ``BTHd,HdD->BTD``) made XLA:CPU copy each layer's
+    kernel transposed for the backward pass (27.6 ms a tuning step for Gemma-3-270M's q_proj); the
+    2-D form's gradient reads the kernel as stored (BUILD_NOTES.md, issue 11).
+    """
+    lead, n_inputs = x.shape[: x.ndim - n_in], math.prod(kernel.shape[:n_in])
+    return (x.reshape(*lead, n_inputs) @ kernel.reshape(n_inputs, -1)).reshape(*lead, *kernel.shape[n_in:])
+
+
 def _out_major_matmul(x: jax.Array, kernel: jax.Array, n_in: int, preferred_element_type=None) -> jax.Array:
     """``x [..., *in]`` times a kernel stored output-major ``[*out, *in]``, as ``kernel @ x^T``.
 
@@ -143,6 +154,14 @@ def _out_major_matmul(x: jax.Array, kernel: jax.Array, n_in: int, preferred_elem
     y = jnp.matmul(kernel.reshape(math.prod(out), -1), rows, preferred_element_type=preferred_element_type)
     y = jax.lax.optimization_barrier(y)
     return y.T.reshape(*lead, *out)
+
+
+def _linear(x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None, out_major: bool, dtype) -> jax.Array:
+    """``x [B, T, *in]`` times ``kernel [*in, *out]`` (stored ``[*out, *in]`` if ``out_major``), plus
+    ``bias``, in ``dtype``: every weight projection of a layer."""
+    kernel = kernel[...].astype(dtype)
+    y = (_out_major_matmul if out_major else _matmul)(x, kernel, n_in=x.ndim - 2)
+    return y + bias[...].astype(dtype) if bias is not None else y
 
 
 def _param(rngs: nnx.Rngs, shape, param_dtype, std: float = 0.02) -> nnx.Param:
@@ -159,7 +178,7 @@ class Norm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Over rows [N, D]: XLA:CPU's YNNPACK runs the backward pass's row sums over the packed tuning
-        # sequence's [1, N, D] about 3x slower than over [N, D] (BUILD_NOTES.md, issue 11).
+        # sequence's [1, N, D] about 5x slower than over [N, D] (BUILD_NOTES.md, issue 11).
         x32 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         if self.kind == "layer":
             x32 = x32 - x32.mean(-1, keepdims=True)
@@ -186,7 +205,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     takes 0.27 ms, that one 0.87-1.1 ms (BUILD_NOTES.md, issue 11).
     """
     halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
-    swapped = jnp.concatenate([halves[..., 1:, :], halves[..., :1, :]], -2)  # (x2, x1)
+    swapped = jnp.concatenate([halves[..., 1:, :], halves[..., :1, :]], -2)  # (x2, x1); jnp.flip ran 4x slower
     sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]
     cos, sin = cos[:, :, None, None], sin[:, :, None, None]
     return (halves * cos + swapped * (sin * sign)).reshape(x.shape).astype(x.dtype)
@@ -253,31 +272,15 @@ class Attention(nnx.Module):
         self.q_norm = Norm(d, c, param_dtype) if c.qk_norm else None
         self.k_norm = Norm(d, c, param_dtype) if c.qk_norm else None
 
-    def _project(self, x, kernel, bias, out_major):
-        """``x [B, T, *in]`` times ``kernel [*in, *out]`` (x's axes after B, T are its input axes).
-
-        As one 2-D matmul over flattened head axes: differentiating a dot that contracts two axes
-        (``BTHd,HdD->BTD``) made XLA:CPU copy each layer's kernel transposed in the backward pass
-        (27.6 ms a step for Gemma-3-270M's q_proj), where a 2-D ``x @ W`` needs no copy.
-        """
-        kernel = kernel[...].astype(self.dtype)
-        n_in = x.ndim - 2
-        if out_major:  # the kernel is [*out, *in]
-            y = _out_major_matmul(x, kernel, n_in=n_in)
-        else:
-            lead, n_inputs = x.shape[:2], math.prod(kernel.shape[:n_in])
-            y = (x.reshape(*lead, n_inputs) @ kernel.reshape(n_inputs, -1)).reshape(*lead, *kernel.shape[n_in:])
-        return y + bias[...].astype(self.dtype) if bias is not None else y
-
     def __call__(self, x, rope, positions, window, kv_pos, layer_cache, cache_index, out_major=False, rows=None):
         """x [B, T, D] -> ([B, T, D], (k, v) of this layer's cache or None).
 
         ``rows`` (`PrefixedRows`): x is their packed sequence ``[1, H + B*T, D]``, with no cache; the
         output is ``[1, N, D]`` at the rows' read-out slots if they name any."""
         c = self.config
-        q = self._project(x, self.q_proj, self.q_bias, out_major)
-        k = self._project(x, self.k_proj, self.k_bias, out_major)
-        v = self._project(x, self.v_proj, self.v_bias, out_major)
+        q = _linear(x, self.q_proj, self.q_bias, out_major, self.dtype)
+        k = _linear(x, self.k_proj, self.k_bias, out_major, self.dtype)
+        v = _linear(x, self.v_proj, self.v_bias, out_major, self.dtype)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -297,7 +300,7 @@ class Attention(nnx.Module):
                 out = out[:, rows.read_slot]
         else:
             out = _attend(q, k_all, v_all, attention_mask(positions, kv_pos, window), c, self.dtype)
-        return self._project(out, self.o_proj, self.o_bias, out_major), layer_cache
+        return _linear(out, self.o_proj, self.o_bias, out_major, self.dtype), layer_cache
 
 
 class MLP(nnx.Module):
@@ -313,17 +316,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x, out_major=False):  # [B, T, D]
         act = _ACTIVATIONS[self.activation]
-        h = self._linear(x, self.up_proj, self.up_bias, out_major)  # [B, T, F]
+        h = _linear(x, self.up_proj, self.up_bias, out_major, self.dtype)  # [B, T, F]
         if self.gate_proj is not None:  # GLU: act(gate) * up
-            h = act(self._linear(x, self.gate_proj, self.gate_bias, out_major)) * h
+            h = act(_linear(x, self.gate_proj, self.gate_bias, out_major, self.dtype)) * h
         else:  # GPT-2: act(up)
             h = act(h)
-        return self._linear(h, self.down_proj, self.down_bias, out_major)
-
-    def _linear(self, x, kernel, bias, out_major):
-        kernel = kernel[...].astype(self.dtype)
-        y = _out_major_matmul(x, kernel, n_in=1) if out_major else x @ kernel
-        return y + bias[...].astype(self.dtype) if bias is not None else y
+        return _linear(h, self.down_proj, self.down_bias, out_major, self.dtype)
 
 
 class Block(nnx.Module):
