@@ -65,3 +65,18 @@ def test_a_traced_step_is_attributed_to_every_kind():
     layers, head = ts.step_flops(c, prefix, T, N)
     attention = 2 * 2 * c.n_layers * c.n_heads * c.head_dim * (prefix * prefix + ts.B * T * (prefix + T))
     assert result["matmul_gflop"] * 1e9 == pytest.approx(layers - 3 * attention + head, rel=1e-9)
+
+
+def test_cold_weight_rate_calls_every_layers_own_weights_once(monkeypatch):
+    """tune_step.py's cold-weight GEMM rate: each of the L layers' 7 matmuls, on weights of its own,
+    timed with one call per form (a second back-to-back call would find the weight in cache)."""
+    import tune_step as ts
+
+    config = tiny_lm(n_layers=3).config
+    counts = []
+    monkeypatch.setattr(ts, "time_calls", lambda fn, n: counts.append(n) or [1e-3] * n)
+    rates = {library: sample() for library, sample in ts.cold_layer_rate_samplers(config, 16).items()}
+    flops = config.n_layers * sum(2 * m * k * n for m, k, n in ts._layer_shapes(config, 16))
+    assert rates == {"XLA": (pytest.approx(flops / (config.n_layers * 7 * 1e-3)),),
+                     "PyTorch": (pytest.approx(flops / (config.n_layers * 7 * 1e-3)),)}
+    assert set(counts) == {1} and len(counts) == 2 * 2 * config.n_layers * 7  # 2 libraries x 2 layouts
