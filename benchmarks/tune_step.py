@@ -250,9 +250,10 @@ def gemm_rate_samplers(config, M: int, n_targets: int):
     weight in cache, as fast as the library goes), and the faster form counts: on the head's shapes
     XLA's ``x @ W.T`` runs about twice as fast as ``x @ W`` (BUILD_NOTES.md, issue 11)."""
     rng = np.random.default_rng(0)
-    ops = lambda m, k, n: _operands(rng, rng.standard_normal((m, k), np.float32), k, n)  # noqa: E731
-    return _rate_samplers([[ops(*shape) for shape in _layer_shapes(config, M)], [ops(n_targets, config.d_model,
-                                                                                     config.vocab_size)]], calls=3)
+    layers = [_operands(rng, rng.standard_normal((m, k), np.float32), k, n) for m, k, n in _layer_shapes(config, M)]
+    head = _operands(rng, rng.standard_normal((n_targets, config.d_model), np.float32), config.d_model,
+                     config.vocab_size)
+    return _rate_samplers([layers, [head]], calls=3)
 
 
 def cold_layer_rate_samplers(config, M: int):
@@ -311,8 +312,8 @@ def main() -> None:
 
     # The bound at the best rate any library reached for each part (layers, head), sample by sample.
     fastest = [max(rates, key=lambda library: statistics.median(r[part] for r in rates[library])) for part in (0, 1)]
-    bounds = [layer_flops / max(r[i][0] for r in rates.values()) + head_flops / max(r[i][1] for r in rates.values())
-              for i in range(args.steps)]
+    best = [tuple(max(r[i][part] for r in rates.values()) for part in (0, 1)) for i in range(args.steps)]
+    bounds = [layer_flops / layers_rate + head_flops / head_rate for layers_rate, head_rate in best]
     n_targets = int(batch["target_mask"].sum())
     ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
     bound_s, best_bound_s = statistics.median(bounds), min(bounds)
@@ -333,8 +334,7 @@ def main() -> None:
     # Not the target's bound: the rate a step's matmuls can reach, each layer's weights read from memory.
     cold = {library: statistics.median(r) for library, r in cold_rates.items()}  # median of 3 samples
     cold_fastest = max(cold, key=cold.get)
-    cold_bound_s = layer_flops / cold[cold_fastest] + head_flops / statistics.median(
-        max(r[i][1] for r in rates.values()) for i in range(args.steps))
+    cold_bound_s = layer_flops / cold[cold_fastest] + head_flops / statistics.median(head for _, head in best)
     print(f"layers' GEMMs over {lm.config.n_layers} layers' own weights, each called once (weights cold in cache, "
           f"as a step meets them), median: " + ", ".join(f"{library} {rate / 1e9:.1f}" for library, rate in cold.items())
           + f" GFLOP/s; the bound at {cold_fastest}'s = {cold_bound_s * 1e3:.1f} ms, ratio {ours_s / cold_bound_s:.2f}")
