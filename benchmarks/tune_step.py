@@ -206,6 +206,12 @@ def _layer_shapes(config, M: int) -> list[tuple[int, int, int]]:
     return [(M, D, H * d), (M, D, K * d), (M, D, K * d), (M, H * d, D), (M, D, F), (M, D, F), (M, F, D)]
 
 
+def _operands(rng, x: np.ndarray, k: int, n: int):
+    """x, a random W [in, out], and the same W stored [out, in]."""
+    w = rng.standard_normal((k, n), np.float32)
+    return x, w, np.ascontiguousarray(w.T)
+
+
 def _rate_samplers(groups, calls: int):
     """``{library: sample}`` over ``groups`` of ``(x, W [in, out], W [out, in])`` numpy operands:
     ``sample()`` times every operand set in both weight layouts (``x @ W`` and ``x @ W.T``), each
@@ -266,12 +272,6 @@ def cold_layer_rate_samplers(config, M: int):
     inputs = [rng.standard_normal((m, k), np.float32) for m, k, _ in shapes]
     return _rate_samplers([[_operands(rng, x, k, n) for _ in range(config.n_layers)
                             for x, (_, k, n) in zip(inputs, shapes)]], calls=1)
-
-
-def _operands(rng, x: np.ndarray, k: int, n: int):
-    """x, a random W [in, out], and the same W stored [out, in]."""
-    w = rng.standard_normal((k, n), np.float32)
-    return x, w, np.ascontiguousarray(w.T)
 
 
 def main() -> None:
